@@ -1,0 +1,4 @@
+import sys
+from medanomaly.cli import main
+
+sys.exit(main())

@@ -1,0 +1,172 @@
+"""The ``medanomaly`` command: train, predict, evaluate, demo.
+
+Every user error ends as one paragraph on stderr and exit code 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import textwrap
+from pathlib import Path
+
+from medanomaly import __version__
+from medanomaly.errors import MedanomalyError
+
+log = logging.getLogger("medanomaly")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train a U-Net on image + mask pairs",
+                       description="Train a U-Net; writes a model directory (weights, config, chosen threshold).")
+    p.add_argument("data", type=Path, help="folder of images and masks (see README, 'Data layouts')")
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--config", type=Path, help="JSON file with TrainConfig values (flags override it)")
+    p.add_argument("--splits", type=Path, help="JSON with train/val/test case ids (default: DATA/splits.json, "
+                                               "else a seeded split by case)")
+    p.add_argument("--size", type=int, help="input size in pixels per side (default 128)")
+    p.add_argument("--epochs", type=int, help="maximum epochs (default 100)")
+    p.add_argument("--max-minutes", type=float, help="training time budget in minutes (default 25)")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--loss", choices=["bce", "dice", "bce+dice"])
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    p.add_argument("--width", type=int, help="channels of the first U-Net level (default 32)")
+    p.add_argument("--depth", type=int, help="down-sampling steps (default 4)")
+    p.add_argument("--norm", choices=["batch", "instance", "group", "none"])
+    p.add_argument("--patience", type=int, help="early stopping: epochs without improvement (default 15)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
+    p.add_argument("--no-augment", action="store_true", help="turn augmentation off")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="masks, score maps and overlays for new images",
+                       description="Predict every image of the inputs (files, folders, DICOM series folders).")
+    p.add_argument("model", type=Path, help="model directory written by 'medanomaly train'")
+    p.add_argument("inputs", type=Path, nargs="+", help="image files, folders (recursive) or DICOM series folders")
+    p.add_argument("--out", type=Path, required=True, help="output folder (mirrors the input tree)")
+    p.add_argument("--overwrite", action="store_true", help="replace earlier predictions in --out")
+    p.add_argument("--device", default="auto")
+
+
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a model (or existing predictions) against masks",
+                       description="Writes OUT/cases.csv, OUT/summary.json and OUT/report.html.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", type=Path, help="model directory: predict, then score")
+    src.add_argument("--pred", type=Path, help="folder of *_pred.* files (mirroring DATA) to score")
+    p.add_argument("--data", type=Path, required=True, help="folder with images and masks")
+    p.add_argument("--split", default=None, help="train, val, test or all (default: test with --model, all with --pred)")
+    p.add_argument("--splits", type=Path, help="split file (default: the model's splits.json, else DATA/splits.json)")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--device", default="auto")
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="train, predict, evaluate and report on a built-in synthetic set or --data",
+                       description="End-to-end run. Without --data it generates labelled synthetic phantoms.")
+    p.add_argument("--out", type=Path, default=Path("demo-out"))
+    p.add_argument("--data", type=Path, help="a real data folder instead of the synthetic phantoms")
+    p.add_argument("--max-minutes", type=float, help="training budget (default 2 for phantoms, 25 for --data)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="medanomaly", description="Find abnormal regions in medical images.")
+    parser.add_argument("--version", action="version", version=f"medanomaly {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (_add_train, _add_predict, _add_evaluate, _add_demo):
+        add(sub)
+    return parser
+
+
+def cmd_train(args) -> int:
+    from medanomaly import config
+    from medanomaly.runtime import resolve_device
+    from medanomaly.train import train
+
+    overrides = {"size": args.size, "epochs": args.epochs, "max_minutes": args.max_minutes,
+                 "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "loss": args.loss,
+                 "optimizer": args.optimizer, "patience": args.patience, "precision": args.precision,
+                 "model.width": args.width, "model.depth": args.depth, "model.norm": args.norm,
+                 "augment.enabled": False if args.no_augment else None}
+    if args.resume and (args.out / "config.json").is_file() and args.config is None:
+        args.config = args.out / "config.json"  # resume with the run's own configuration
+    cfg = config.load(args.config, overrides)
+    res = train(args.data, args.out, cfg, args.splits, resume=args.resume, device=str(resolve_device(args.device)),
+                progress=not args.quiet)
+    _say(f"model written to {res.out_dir} (best epoch {res.best_epoch}, val Dice {res.best_val_dice:.4f}, "
+         f"{res.seconds / 60:.1f} min)")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from medanomaly.predict import predict_paths
+    from medanomaly.runtime import resolve_device
+
+    res = predict_paths(args.model, args.inputs, args.out, str(resolve_device(args.device)), args.overwrite,
+                        progress=not args.quiet)
+    _say(f"{res['n_ok']} images predicted into {res['out']}")
+    for f in res["failed"]:
+        _say(f"failed: {f['input']}: {f['error']}", err=True)
+    return 1 if res["failed"] else 0
+
+
+def cmd_evaluate(args) -> int:
+    from medanomaly.evaluate import evaluate_model, evaluate_predictions
+    from medanomaly.runtime import resolve_device
+
+    split = None if args.split == "all" else args.split
+    if args.model is not None:
+        summary = evaluate_model(args.model, args.data, args.out, split=args.split and split or ("test" if args.split is None else None),
+                                 splits_file=args.splits, device=str(resolve_device(args.device)), progress=not args.quiet)
+    else:
+        summary = evaluate_predictions(args.pred, args.data, args.out, split=split, splits_file=args.splits,
+                                       progress=not args.quiet)
+    keys = ["n_cases", "dice_per_case_mean", "dice", "iou", "sensitivity", "precision", "auroc", "auprc", "lesion_f1"]
+    _say(json.dumps({k: summary.get(k) for k in keys}, indent=1))
+    _say(f"report: {args.out / 'report.html'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from medanomaly.demo import run_demo
+    from medanomaly.runtime import resolve_device
+
+    summary = run_demo(args.out, data=args.data, max_minutes=args.max_minutes, seed=args.seed,
+                       device=str(resolve_device(args.device)), progress=not args.quiet)
+    _say(f"demo finished: mean per-case Dice {summary['dice_per_case_mean']:.3f}; report: {args.out / 'eval' / 'report.html'}")
+    return 0
+
+
+def _say(text: str, err: bool = False) -> None:
+    print(text, file=sys.stderr if err else sys.stdout, flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "demo": cmd_demo}
+    try:
+        return commands[args.command](args)
+    except MedanomalyError as exc:
+        _say("error: " + textwrap.fill(str(exc), width=100, subsequent_indent="  "), err=True)
+        return 2
+    except PermissionError as exc:
+        _say(f"error: permission denied: {exc.filename}; check the file's permissions or choose another path", err=True)
+        return 2
+    except KeyboardInterrupt:
+        _say("interrupted; 'medanomaly train --resume' continues a training run from its last epoch", err=True)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

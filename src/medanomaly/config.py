@@ -1,0 +1,118 @@
+"""Training configuration: frozen dataclasses, loaded from one JSON file, overridden by CLI
+flags, saved as ``config.json`` in the model directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from medanomaly.augment import AugmentConfig
+from medanomaly.errors import MedanomalyError
+from medanomaly.models import UNetConfig
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+TASKS = ("supervised",)
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run. Defaults: the best found for a 2-core CPU
+    (see README, "Choosing the defaults")."""
+
+    task: str = "supervised"
+    size: int = 128  # training / inference input, pixels per side
+    epochs: int = 100
+    max_minutes: float = 25.0  # wall-clock budget; the LR schedule anneals within it
+    batch_size: int = 16
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    loss: str = "bce+dice"
+    bce_weight: float = 0.5
+    seed: int = 0
+    patience: int = 15  # epochs without validation improvement before stopping
+    warmup_epochs: float = 1.0
+    positive_fraction: float = 0.5  # share of each batch drawn from slices with lesion (0 = uniform)
+    normalization: str = "auto"
+    precision: str = "auto"  # bf16 autocast where the CPU/GPU supports it
+    channels_last: bool = True
+    model: UNetConfig = field(default_factory=lambda: UNetConfig(width=32, depth=4, norm="batch"))
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("task", self.task, TASKS)
+        _check_choice("precision", self.precision, PRECISIONS)
+        from medanomaly.losses import LOSSES
+
+        _check_choice("loss", self.loss, tuple(LOSSES))
+        if self.size < 16 or self.batch_size < 1 or self.epochs < 1:
+            raise MedanomalyError(f"size >= 16, batch size >= 1 and epochs >= 1 are needed (got {self.size}, "
+                                  f"{self.batch_size}, {self.epochs})")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+    if value not in valid:
+        raise MedanomalyError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
+
+
+def from_dict(data: dict[str, Any]) -> TrainConfig:
+    """A TrainConfig from a (possibly partial) dict; unknown keys are an error listing valid ones."""
+    data = dict(data)
+    nested = {"model": UNetConfig, "augment": AugmentConfig}
+    for key, cls in nested.items():
+        if key in data and isinstance(data[key], dict):
+            data[key] = _build(cls, data[key], key)
+    cfg = _build(TrainConfig, data, "config")
+    return cfg
+
+
+def _build(cls: type, data: dict, where: str):
+    valid = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - valid)
+    if unknown:
+        raise MedanomalyError(f"unknown {where} keys {unknown}; valid: {', '.join(sorted(valid))}")
+    data = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return cls(**data)
+
+
+def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Defaults <- the JSON file at ``path`` (if any) <- ``overrides`` (None values ignored).
+
+    Override keys may be dotted (``model.width``) to reach nested sections.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise MedanomalyError(f"cannot read config file {path}: {exc}; it must be a JSON object") from exc
+    base = TrainConfig().to_dict()
+    for section in ("model", "augment"):
+        base[section].update(data.pop(section, {}) or {})
+    base.update(data)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if "." in key:
+            section, sub = key.split(".", 1)
+            base[section][sub] = value
+        else:
+            base[key] = value
+    return from_dict(base)
+
+
+def save(cfg: TrainConfig, path: str | Path) -> None:
+    from medanomaly.atomic import atomic_write_text
+
+    atomic_write_text(Path(path), json.dumps(cfg.to_dict(), indent=2))
+
+
+def with_changes(cfg: TrainConfig, **changes: Any) -> TrainConfig:
+    return replace(cfg, **changes)

@@ -1,0 +1,195 @@
+"""Inference: a model directory applied to images, one file at a time (bounded memory), written
+back in each input's own geometry and format.
+
+For an input ``rel/stem.ext`` below an input root, ``predict`` writes ``rel/stem_pred.<ext>``
+(binary mask), ``rel/stem_score.<tif|nii.gz|nrrd>`` (float32 probability map),
+``rel/stem_overlay.png`` and, at the output root, ``regions.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from medanomaly import __version__
+from medanomaly.data import is_mask_file, normalize, resize
+from medanomaly.errors import MedanomalyError
+from medanomaly.io import IMAGE_SUFFIXES, Image, full_suffix, is_dicom_series_dir, read_image, stem_of, write_mask, write_score
+from medanomaly.models import UNet, UNetConfig
+from medanomaly.postprocess import PostprocessParams, apply, region_table
+from medanomaly.runtime import autocast, choose_precision
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    image: Image
+    score: np.ndarray  # float32, image.spatial_shape, probability in [0, 1]
+    mask: np.ndarray  # bool, image.spatial_shape
+
+
+def read_model_meta(model_dir: str | Path) -> dict:
+    """model.json of a model directory, checked: a clear error for anything else."""
+    path = Path(model_dir) / "model.json"
+    if not path.is_file():
+        raise MedanomalyError(f"{model_dir} is not a medanomaly model directory (no model.json); "
+                              "pass the --out folder of 'medanomaly train'")
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError as exc:
+        raise MedanomalyError(f"{path} is not valid JSON ({exc}); the model directory is damaged: retrain") from exc
+    if meta.get("format") != "medanomaly-model":
+        raise MedanomalyError(f"{path} is not a medanomaly model file (format {meta.get('format')!r})")
+    return meta
+
+
+class Predictor:
+    """A trained model with its preprocessing and post-processing, as saved by ``train``."""
+
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 16):
+        self.model_dir = Path(model_dir)
+        self.meta = read_model_meta(self.model_dir)
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        spec = self.meta["input"]
+        self.size, self.channels, self.normalization = spec["size"], spec["channels"], spec["normalization"]
+        self.post = PostprocessParams.from_dict(self.meta["postprocess"])
+        self.precision = choose_precision(self.meta.get("precision", "auto"), self.device)
+        self.model = load_weights(self.model_dir, UNetConfig(**self.meta["model"]), self.device)
+
+    def scores(self, image: Image) -> np.ndarray:
+        """Probability map (float32, image.spatial_shape) for one image or volume (slice-wise)."""
+        if image.channels != self.channels:
+            raise MedanomalyError(f"{image.path} has {image.channels} channels but the model was trained on "
+                                  f"{self.channels}-channel images; convert the image or use a matching model")
+        a = normalize(image.array, self.normalization, image.geometry.kind)
+        slices = torch.from_numpy(to_slices_array(a))
+        h, w = slices.shape[-2:]
+        out = []
+        with torch.inference_mode():
+            for i in range(0, slices.shape[0], self.batch_size):
+                x = resize(slices[i:i + self.batch_size], (self.size, self.size)).to(self.device)
+                if next(self.model.parameters()).is_contiguous(memory_format=torch.channels_last):
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast(self.device, self.precision):
+                    logits = self.model(x)
+                logits = torch.nn.functional.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
+                out.append(torch.sigmoid(logits)[:, 0].cpu())
+        score = torch.cat(out).numpy().astype(np.float32)
+        return score[0] if image.array.ndim == 3 else score
+
+    def predict(self, image: Image) -> Prediction:
+        score = self.scores(image)
+        return Prediction(image, score, apply(score, self.post, image=_grey(image)))
+
+
+def to_slices_array(a: np.ndarray) -> np.ndarray:
+    return a[None] if a.ndim == 3 else np.moveaxis(a, 1, 0)
+
+
+def _grey(image: Image) -> np.ndarray:
+    return image.array.mean(axis=0)
+
+
+def load_weights(model_dir: Path, cfg: UNetConfig, device: torch.device) -> UNet:
+    """Build the network and load model.pt without unpickling code (weights_only=True)."""
+    path = model_dir / "model.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model = UNet(cfg)
+        model.load_state_dict(state)
+    except FileNotFoundError as exc:
+        raise MedanomalyError(f"{path} is missing; the model directory is incomplete: retrain") from exc
+    except Exception as exc:  # truncated, tampered or foreign weights
+        raise MedanomalyError(f"cannot load weights {path}: {exc}; the file is damaged or from another model") from exc
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if cfg.dim == 2 else model
+
+
+def iter_inputs(inputs: list[str | Path]) -> Iterator[tuple[Path, Path]]:
+    """(root, path) for each image below the inputs; masks and our own outputs are skipped."""
+    for given in map(Path, inputs):
+        if not given.exists():
+            raise MedanomalyError(f"input {given} does not exist")
+        if given.is_file() or is_dicom_series_dir(given):
+            yield given.parent, given
+            continue
+        for path in sorted(given.rglob("*")):
+            if any(part.startswith(".") for part in path.relative_to(given).parts):
+                continue
+            if path.is_dir() and is_dicom_series_dir(path):
+                yield given, path
+            elif path.is_file() and full_suffix(path) in IMAGE_SUFFIXES and not is_mask_file(path) \
+                    and not _is_output(path) and not is_dicom_series_dir(path.parent):
+                yield given, path
+
+
+def _is_output(path: Path) -> bool:
+    return stem_of(path).endswith(("_pred", "_score", "_overlay"))
+
+
+def output_stem(out: Path, root: Path, path: Path) -> Path:
+    rel = path.relative_to(root)
+    return out / rel.parent / stem_of(path)
+
+
+def check_output_dir(out: Path, inputs: list[str | Path]) -> None:
+    """predict/evaluate never write inside an input tree."""
+    out_r = out.resolve()
+    for given in map(Path, inputs):
+        root = given.resolve() if given.is_dir() else given.resolve().parent
+        if out_r == root or root in out_r.parents:
+            raise MedanomalyError(f"output folder {out} is inside the input {given}; choose an --out outside it "
+                                  "so inputs are never mixed with results")
+
+
+def write_prediction(pred: Prediction, stem: Path) -> dict:
+    """Write mask, score map and overlay for one prediction; return its regions record."""
+    from medanomaly.visualize import best_slice, overlay_rgb, save_png
+
+    write_mask(pred.mask, pred.image, Path(f"{stem}_pred"))
+    write_score(pred.score, pred.image, Path(f"{stem}_score"))
+    img, score, mask = pred.image.array, pred.score, pred.mask
+    if score.ndim == 3:
+        k = best_slice(score, mask)
+        img, score, mask = img[:, k], score[k], mask[k]
+    save_png(overlay_rgb(img, score, mask), Path(f"{stem}_overlay.png"))
+    g = pred.image.geometry
+    return {"regions": region_table(pred.mask, pred.score, g.spacing if g.spacing_known else None)}
+
+
+def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Path, device: str = "cpu",
+                  overwrite: bool = False, progress: bool = True) -> dict:
+    """Predict every image below ``inputs`` into ``out``; keep going past bad files.
+
+    Returns {"n_ok": int, "failed": [{"input": str, "error": str}], "out": str}.
+    """
+    from tqdm import tqdm
+
+    from medanomaly.atomic import atomic_write_text
+
+    out = Path(out)
+    check_output_dir(out, inputs)
+    if (out / "regions.json").exists() and not overwrite:
+        raise MedanomalyError(f"{out} already holds predictions; pass --overwrite or choose another --out")
+    predictor = Predictor(model_dir, device)
+    records, failed = [], []
+    for root, path in tqdm(list(iter_inputs(inputs)), desc="predict", unit="img", disable=not progress):
+        stem = output_stem(out, root, path)
+        try:
+            rec = write_prediction(predictor.predict(read_image(path)), stem)
+        except MedanomalyError as exc:
+            log.error("skipped %s: %s", path, exc)
+            failed.append({"input": str(path), "error": str(exc)})
+            continue
+        records.append({"case": str(stem.relative_to(out)), **rec})
+    meta = {"medanomaly_version": __version__, "model": str(model_dir), "threshold": predictor.post.threshold}
+    atomic_write_text(out / "regions.json", json.dumps({**meta, "images": records, "failed": failed}, indent=1))
+    return {"n_ok": len(records), "failed": failed, "out": str(out)}
