@@ -18,18 +18,13 @@ def _one_thread():
     yield
     torch.set_num_threads(before)
 
-INSTANCE_1X1_BUG = pytest.mark.xfail(
-    reason="models.py UNet.forward/_pad_to_multiple: an input no larger than 2**depth on every axis "
-           "reaches the bottleneck as 1x1, where InstanceNorm raises 'Expected more than 1 spatial "
-           "element' (even in eval mode), contradicting 'Inputs of any size work'",
-    raises=ValueError, strict=True)
 
 
 def _grid_2d():
     for size in [(16, 16), (17, 23), (32, 48)]:
         for depth in (1, 2, 3, 4):
             for norm in NORMS:
-                marks = [INSTANCE_1X1_BUG] if (norm == "instance" and max(size) <= 2**depth) else []
+                marks = []
                 yield pytest.param(size, depth, norm, marks=marks, id=f"2d-{size[0]}x{size[1]}-d{depth}-{norm}")
 
 
@@ -74,9 +69,6 @@ def test_invalid_depth_raises(depth):
         UNet(UNetConfig(depth=depth, width=WIDTH))
 
 
-@pytest.mark.xfail(reason="models.py _norm: GroupNorm(min(8, channels), channels) fails when a level's "
-                          "channel count is > 8 and not a multiple of 8 (e.g. width=12)",
-                   raises=ValueError, strict=True)
 def test_group_norm_with_width_not_multiple_of_8():
     model = UNet(UNetConfig(width=12, depth=1, norm="group"))
     assert model(torch.rand(1, 1, 8, 8)).shape == (1, 1, 8, 8)

@@ -15,6 +15,7 @@ from medanomaly.models import UNetConfig
 OPTIMIZERS = ("adam", "adamw", "sgd")
 TASKS = ("supervised",)
 PRECISIONS = ("auto", "bf16", "fp32")
+SECTIONS = ("model", "augment")
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class TrainConfig:
         from medanomaly.losses import LOSSES
 
         _check_choice("loss", self.loss, tuple(LOSSES))
+        from medanomaly.models import NORMS
+
+        _check_choice("norm", self.model.norm, NORMS)
         if self.size < 16 or self.batch_size < 1 or self.epochs < 1:
             raise MedanomalyError(f"size >= 16, batch size >= 1 and epochs >= 1 are needed (got {self.size}, "
                                   f"{self.batch_size}, {self.epochs})")
@@ -93,8 +97,11 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Tr
             data = json.loads(Path(path).read_text())
         except (OSError, ValueError) as exc:
             raise MedanomalyError(f"cannot read config file {path}: {exc}; it must be a JSON object") from exc
+        if not isinstance(data, dict) or not all(isinstance(data.get(s) or {}, dict) for s in SECTIONS):
+            raise MedanomalyError(f"config file {path} must hold a JSON object whose 'model' and 'augment' "
+                                  "entries are objects too (see README, 'Configuration')")
     base = TrainConfig().to_dict()
-    for section in ("model", "augment"):
+    for section in SECTIONS:
         base[section].update(data.pop(section, {}) or {})
     base.update(data)
     for key, value in (overrides or {}).items():
@@ -102,6 +109,8 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Tr
             continue
         if "." in key:
             section, sub = key.split(".", 1)
+            if section not in SECTIONS:
+                raise MedanomalyError(f"unknown config section {section!r} in {key!r}; valid: {', '.join(SECTIONS)}")
             base[section][sub] = value
         else:
             base[key] = value

@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 MASK_TOKENS = ("_mask", "_masks", "_seg", "_segmentation", "_label", "_labels", "_gt", "_lesion")
 IMAGE_TOKENS = ("_flair", "_image", "_img", "_t1", "_t2", "_ct", "_0000")
-MASK_DIRS = ("masks", "mask", "labels", "label", "labelsTr", "labelsTs", "segmentations", "gt", "ground_truth")
+MASK_DIRS = ("masks", "mask", "masks_png", "labels", "label", "labelsTr", "labelsTs", "segmentations", "gt", "ground_truth")
 IMAGE_DIRS = ("images", "image", "imagesTr", "imagesTs", "imgs")
 NORMALIZATIONS = ("auto", "percentile", "ct", "none")
 
@@ -128,7 +128,8 @@ def _mask_dirs_for(img_dir: str) -> tuple[str, ...]:
 
 def _sample(root: Path, image: Path, mask: Path | None, key: str) -> Sample:
     rel = image.relative_to(root).parts
-    top = rel[0] if len(rel) > 1 and rel[0] not in IMAGE_DIRS else None
+    # per-patient folders give the case id, unless the image sits in an images/ layout folder
+    top = rel[0] if len(rel) > 1 and not any(part in IMAGE_DIRS for part in rel[:-1]) else None
     return Sample(image=image, mask=mask, case=top or key, key=key)
 
 
@@ -198,10 +199,10 @@ def resolve_splits(root: Path, samples: list[Sample], splits_file: str | Path | 
     return make_splits(cases, seed)
 
 
-def normalize(array: np.ndarray, mode: str = "auto", kind: str = "raster") -> np.ndarray:
+def normalize(array: np.ndarray, mode: str = "auto", kind: str = "raster", dtype: str | None = None) -> np.ndarray:
     """Intensities to about [0, 1], per channel. array (C, *S) float32 -> new float32 array.
 
-    ``auto``: 8-bit rasters / 255 (keeps the volume-level scaling of exported slices), CT
+    ``auto``: 8-bit rasters (``dtype`` "uint8", the stored type) / 255 (keeps the volume-level scaling of exported slices), CT
     (``kind`` dicom with negative values) as ``ct``, anything else ``percentile``.
     ``percentile``: 0.5th..99.5th percentile of the image (a whole volume for volumes) to 0..1.
     ``ct``: window -1000..1000 HU to 0..1. ``none``: unchanged.
@@ -210,7 +211,8 @@ def normalize(array: np.ndarray, mode: str = "auto", kind: str = "raster") -> np
         raise MedanomalyError(f"unknown normalization {mode!r}; valid: {', '.join(NORMALIZATIONS)}")
     a = array.astype(np.float32, copy=True)
     if mode == "auto":
-        if kind == "raster" and a.min() >= 0 and a.max() <= 255:
+        eight_bit = dtype == "uint8" if dtype else bool(a.min() >= 0 and a.max() <= 255 and np.all(a == np.round(a)))
+        if kind == "raster" and eight_bit:
             return a / 255.0
         mode = "ct" if kind == "dicom" and a.min() < -500 else "percentile"
     if mode == "none":
@@ -293,4 +295,4 @@ def load_slices(samples: list[Sample], size: int, normalization: str = "auto", w
 def _normalized(img: Image, mode: str) -> Image:
     from dataclasses import replace
 
-    return replace(img, array=normalize(img.array, mode, img.geometry.kind))
+    return replace(img, array=normalize(img.array, mode, img.geometry.kind, img.geometry.meta.get("dtype")))

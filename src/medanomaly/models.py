@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -54,7 +56,7 @@ def _norm(kind: str, dim: int, channels: int) -> nn.Module:
     if kind == "instance":
         return (nn.InstanceNorm2d if dim == 2 else nn.InstanceNorm3d)(channels, affine=True)
     if kind == "group":
-        return nn.GroupNorm(min(8, channels), channels)
+        return nn.GroupNorm(math.gcd(8, channels), channels)
     if kind == "none":
         return nn.Identity()
     raise ValueError(f"unknown norm {kind!r}; valid: {', '.join(NORMS)}")
@@ -119,9 +121,12 @@ class UNet(nn.Module):
 
 def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """Pad the trailing spatial axes of x (replicate) so each is a multiple of `multiple`."""
+    sizes = [s + (-s) % multiple for s in x.shape[2:]]
+    if all(s == multiple for s in sizes):  # a 1x1 bottleneck breaks instance norm: make it 2 wide
+        sizes[-1] = 2 * multiple
     pads: list[int] = []
-    for s in reversed(x.shape[2:]):
-        pads += [0, (-s) % multiple]
+    for s, target in zip(reversed(x.shape[2:]), reversed(sizes)):
+        pads += [0, target - s]
     if not any(pads):
         return x
     # replicate padding needs the padded size to be < 2x input in some modes; fall back to constant

@@ -69,7 +69,7 @@ class Predictor:
         if image.channels != self.channels:
             raise MedanomalyError(f"{image.path} has {image.channels} channels but the model was trained on "
                                   f"{self.channels}-channel images; convert the image or use a matching model")
-        a = normalize(image.array, self.normalization, image.geometry.kind)
+        a = normalize(image.array, self.normalization, image.geometry.kind, image.geometry.meta.get("dtype"))
         slices = torch.from_numpy(to_slices_array(a))
         h, w = slices.shape[-2:]
         out = []

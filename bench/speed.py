@@ -1,0 +1,144 @@
+"""Speed on this machine: training and inference images/s of medanomaly's U-Net and MONAI's
+BasicUNet at the same base width and input size, measured in the same run; achieved GFLOP/s
+against a large matmul and a bf16 convolution; the cost of augmentation.
+
+    python bench/speed.py [--size 128] [--batch 16] [--width 32] [--steps 10]
+
+Prints a markdown table. Numbers vary with the machine and with whatever else runs on it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from medanomaly.augment import AugmentConfig, augment_batch
+from medanomaly.models import UNet, UNetConfig
+from medanomaly.runtime import autocast, cpu_has_bf16
+
+DEV = torch.device("cpu")
+
+
+def flops_of(model: torch.nn.Module, x: torch.Tensor) -> float:
+    """Forward FLOPs (multiply-adds x 2) of one batch."""
+    with FlopCounterMode(display=False) as fc:
+        model(x)
+    return float(fc.get_total_flops())
+
+
+def time_it(fn, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def train_step_fn(model, x, y, precision):
+    opt = torch.optim.AdamW(model.parameters(), 1e-3)
+
+    def step():
+        with autocast(DEV, precision):
+            out = model(x)
+        loss = F.binary_cross_entropy_with_logits(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def infer_fn(model, x, precision):
+    def step():
+        with torch.inference_mode(), autocast(DEV, precision):
+            model(x)
+    return step
+
+
+def bench_model(name, model, args, precision, channels_last) -> dict:
+    x = torch.rand(args.batch, 1, args.size, args.size)
+    y = (torch.rand_like(x) > 0.95).float()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
+    fwd = flops_of(model, x)
+    model.train()
+    t_train = time_it(train_step_fn(model, x, y, precision), args.steps)
+    model.eval()
+    t_inf = time_it(infer_fn(model, x, precision), args.steps)
+    return {"model": name, "precision": precision, "channels_last": channels_last,
+            "train_img_s": args.batch / t_train, "infer_img_s": args.batch / t_inf,
+            "train_gflop_s": 3 * fwd / t_train / 1e9, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+def peaks(args) -> dict:
+    a = torch.randn(2048, 2048)
+    t32 = time_it(lambda: a @ a, 5)
+    ab = a.bfloat16()
+    t16 = time_it(lambda: ab @ ab, 5)
+    conv = torch.nn.Conv2d(64, 64, 3, padding=1).to(memory_format=torch.channels_last)
+    x = torch.randn(args.batch, 64, args.size, args.size).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        tc32 = time_it(lambda: conv(x), 5)
+        with autocast(DEV, "bf16"):
+            tc16 = time_it(lambda: conv(x), 5)
+    conv_flops = 2 * 64 * 64 * 9 * args.batch * args.size**2
+    mm = 2 * 2048**3
+    return {"matmul_fp32": mm / t32 / 1e9, "matmul_bf16": mm / t16 / 1e9,
+            "conv_fp32": conv_flops / tc32 / 1e9, "conv_bf16": conv_flops / tc16 / 1e9}
+
+
+def augment_cost(args) -> float:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(args.batch, 1, args.size, args.size)
+    m = (torch.rand_like(x) > 0.9).float()
+    cfg = AugmentConfig(p_affine=1.0, p_elastic=1.0, p_gamma=1.0, p_contrast=1.0, p_noise=1.0)
+    return time_it(lambda: augment_batch(x, m, cfg, gen), args.steps)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", type=int, default=128)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--width", type=int, default=32)
+    p.add_argument("--steps", type=int, default=10)
+    args = p.parse_args()
+    torch.manual_seed(0)
+    from monai.networks.nets import BasicUNet
+
+    bf16 = "bf16" if cpu_has_bf16() else "fp32"
+    w = args.width
+    rows = [
+        bench_model(f"medanomaly UNet w{w}", UNet(UNetConfig(width=w)), args, bf16, True),
+        bench_model(f"medanomaly UNet w{w}", UNet(UNetConfig(width=w)), args, "fp32", False),
+        bench_model(f"MONAI BasicUNet w{w} (defaults)", BasicUNet(2, 1, 1, features=(w, w, 2 * w, 4 * w, 8 * w, w)),
+                    args, "fp32", False),
+        bench_model(f"MONAI BasicUNet w{w}", BasicUNet(2, 1, 1, features=(w, w, 2 * w, 4 * w, 8 * w, w)),
+                    args, bf16, True),
+    ]
+    pk = peaks(args)
+    aug = augment_cost(args)
+    print(f"input {args.size}x{args.size}, batch {args.batch}, {torch.get_num_threads()} threads, "
+          f"CPU bf16: {cpu_has_bf16()}")
+    print("| model | precision | channels-last | train img/s | infer img/s | train GFLOP/s | % of bf16 conv peak | params (M) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['model']} | {r['precision']} | {r['channels_last']} | {r['train_img_s']:.1f} | {r['infer_img_s']:.1f} "
+              f"| {r['train_gflop_s']:.0f} | {100 * r['train_gflop_s'] / pk['conv_bf16']:.0f}% | {r['params_M']:.2f} |")
+    print()
+    print("| peak | GFLOP/s |\n|---|---|")
+    for k, v in pk.items():
+        print(f"| {k} | {v:.0f} |")
+    step = args.batch / rows[0]["train_img_s"]
+    print(f"\naugmentation (all transforms on): {1000 * aug:.1f} ms per batch of {args.batch} "
+          f"= {100 * aug / step:.1f}% of one default training step ({1000 * step:.0f} ms)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Tests for medanomaly.losses: values that can be checked by hand, weights, the registry."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from medanomaly.losses import LOSSES, bce, bce_dice, get_loss, soft_dice
+
+BIG = 50.0
+
+
+def _target(k: int, shape=(2, 1, 8, 8)) -> torch.Tensor:
+    t = torch.zeros(shape)
+    t.view(-1)[:k] = 1.0
+    return t
+
+
+@pytest.mark.parametrize("k", [0, 1, 37, 128])
+def test_bce_of_zero_logits_is_ln2(k):
+    target = _target(k)
+    assert bce(torch.zeros_like(target), target).item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_bce_by_hand():
+    logits = torch.tensor([[[[2.0, -1.0]]]])
+    target = torch.tensor([[[[1.0, 0.0]]]])
+    expected = (math.log(1 + math.exp(-2.0)) + math.log(1 + math.exp(-1.0))) / 2
+    assert bce(logits, target).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_bce_accepts_integer_target():
+    target = _target(5)
+    assert bce(torch.zeros_like(target), target.to(torch.uint8)).item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_soft_dice_perfect_prediction_is_zero():
+    target = _target(20)
+    logits = (target * 2 - 1) * BIG
+    assert soft_dice(logits, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 3, 10, 50])
+def test_soft_dice_empty_prediction_by_hand(k):
+    # prob ~ 0 everywhere: 1 - (2*0 + 1) / (0 + k + 1) = 1 - 1/(k+1)
+    target = _target(k)
+    logits = torch.full_like(target, -BIG)
+    assert soft_dice(logits, target).item() == pytest.approx(1 - 1 / (k + 1), abs=1e-6)
+
+
+def test_soft_dice_empty_target_and_empty_prediction_is_zero():
+    target = _target(0)
+    assert soft_dice(torch.full_like(target, -BIG), target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_soft_dice_half_probabilities_by_hand():
+    # logits 0 -> p = 0.5 on n pixels, k of them lesion: 1 - (2*0.5k + 1) / (0.5n + k + 1)
+    n, k = 2 * 8 * 8, 16
+    target = _target(k)
+    expected = 1 - (k + 1) / (0.5 * n + k + 1)
+    assert soft_dice(torch.zeros_like(target), target).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_soft_dice_pools_over_batch():
+    target = _target(8)  # all lesion pixels in sample 0
+    logits = torch.full_like(target, -BIG)
+    logits[0] = (target[0] * 2 - 1) * BIG
+    assert soft_dice(logits, target).item() == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("w", [0.0, 0.25, 0.5, 1.0])
+def test_bce_dice_weights(w):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 8, 8, generator=g)
+    target = (torch.rand(2, 1, 8, 8, generator=g) > 0.6).float()
+    expected = w * bce(logits, target) + (1 - w) * soft_dice(logits, target)
+    assert bce_dice(logits, target, w).item() == pytest.approx(expected.item(), abs=1e-6)
+    assert get_loss("bce+dice", bce_weight=w)(logits, target).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_bce_dice_default_weight_is_half():
+    target = _target(10)
+    logits = torch.zeros_like(target)
+    expected = 0.5 * bce(logits, target) + 0.5 * soft_dice(logits, target)
+    assert bce_dice(logits, target).item() == pytest.approx(expected.item(), abs=1e-6)
+
+
+def test_registry_names():
+    assert get_loss("bce") is bce
+    assert get_loss("dice") is soft_dice
+    assert set(LOSSES) == {"bce", "dice", "bce+dice"}
+
+
+def test_unknown_loss_lists_valid_names():
+    with pytest.raises(ValueError) as info:
+        get_loss("nope")
+    msg = str(info.value)
+    assert "nope" in msg
+    for name in LOSSES:
+        assert name in msg
+
+
+@pytest.mark.parametrize("name", ["bce", "dice", "bce+dice"])
+def test_losses_are_differentiable_and_finite(name):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 8, 8, generator=g, requires_grad=True)
+    target = (torch.rand(2, 1, 8, 8, generator=g) > 0.5).float()
+    loss = get_loss(name)(logits, target)
+    loss.backward()
+    assert loss.ndim == 0 and torch.isfinite(loss)
+    assert torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+def test_half_precision_logits_computed_in_float32():
+    target = _target(10)
+    loss = get_loss("bce+dice")(torch.zeros_like(target).half(), target)
+    assert loss.dtype == torch.float32
