@@ -65,49 +65,95 @@ def search(scores: list[np.ndarray], truths: list[np.ndarray], cases: list[str],
 
 def model_meta(cfg: TrainConfig, in_channels: int, post: PostprocessParams, extra: dict) -> dict:
     """The content of model.json: everything predict needs, nothing that identifies a patient."""
-    return {
+    out_channels = in_channels if cfg.task == "anomaly" else 1
+    meta = {
         "format": "medanomaly-model",
         "medanomaly_version": __version__,
         "task": cfg.task,
-        "model": {**cfg.model.to_dict(), "in_channels": in_channels, "out_channels": 1},
+        "model": {**cfg.model.to_dict(), "in_channels": in_channels, "out_channels": out_channels},
         "input": {"channels": in_channels, "size": cfg.size, "normalization": cfg.normalization, "dim": 2},
         "precision": cfg.precision,
         "postprocess": post.to_dict(),
         **extra,
     }
+    if cfg.task == "anomaly":
+        meta["anomaly"] = cfg.anomaly.to_dict()
+    return meta
 
 
-def val_samples(out: Path, data: Path) -> list[Sample]:
+def val_samples(out: Path, data: Path, labelled_only: bool = True) -> list[Sample]:
     splits = json.loads((out / "splits.json").read_text())
     val = set(splits["val"])
-    return [s for s in discover(data) if s.case in val and s.mask is not None]
+    return [s for s in discover(data) if s.case in val and (s.mask is not None or not labelled_only)]
 
 
-def calibrate_and_save(out: Path, model: torch.nn.Module, cfg: TrainConfig, data: Path, in_channels: int,
-                       best_epoch: int, best_val: float, device: torch.device, progress: bool = True) -> PostprocessParams:
-    """Write model.json with post-processing chosen on the validation split of ``out/splits.json``."""
+def _val_predictions(out: Path, data: Path, device, labelled_only: bool, progress: bool) -> dict[str, list]:
+    """Score maps, truths (all False without a mask), cases and grey images of the val split."""
     from tqdm import tqdm
 
     from medanomaly.predict import Predictor
 
-    training = {"best_epoch": best_epoch, "val_dice_at_0.5_train_size": best_val}
+    predictor = Predictor(out, device)
+    res: dict[str, list] = {"scores": [], "truths": [], "cases": [], "images": [], "labelled": []}
+    for s in tqdm(val_samples(out, data, labelled_only), desc="calibrating", unit="img", disable=not progress):
+        img = read_image(s.image)
+        res["scores"].append(predictor.scores(img))
+        res["truths"].append(read_mask(s.mask, like=img) if s.mask else np.zeros(img.spatial_shape, bool))
+        res["cases"].append(s.case)
+        res["images"].append(img.array.mean(axis=0))
+        res["labelled"].append(s.mask is not None)
+    return res
+
+
+def calibrate_and_save(out: Path, model: torch.nn.Module | None, cfg: TrainConfig, data: Path, in_channels: int,
+                       best_epoch: int, best_val: float, device: torch.device, progress: bool = True) -> PostprocessParams:
+    """Write model.json with post-processing chosen on the validation split of ``out/splits.json``."""
+    training = {"best_epoch": best_epoch, "best_val_score": best_val,
+                "val_score": "mean per-case Dice at 0.5 (training size)" if cfg.task == "supervised"
+                else "minus the denoising loss on normal val slices"}
     atomic_write_text(out / "model.json", json.dumps(model_meta(cfg, in_channels, PostprocessParams(), {
         "training": training, "calibration": {"status": "pending"}}), indent=2))
-    predictor = Predictor(out, device)
-    scores, truths, cases, images = [], [], [], []
-    for s in tqdm(val_samples(out, data), desc="calibrating", unit="img", disable=not progress):
-        img = read_image(s.image)
-        scores.append(predictor.scores(img))
-        truths.append(read_mask(s.mask, like=img))
-        cases.append(s.case)
-        images.append(img.array.mean(axis=0))
-    best, value, trials = search(scores, truths, cases, images)
-    calibration = {"split": "val", "objective": "mean per-case Dice", "n_images": len(scores),
-                   "n_cases": len(set(cases)), "mean_case_dice": value,
-                   "mean_case_dice_at_0.5": next(t["mean_case_dice"] for t in trials
-                                                 if t["threshold"] == 0.5 and t["min_size"] == 0),
-                   "trials": len(trials)}
-    log.info("post-processing chosen on val: %s (mean case Dice %.4f)", best.to_dict(), value)
+    if cfg.task == "anomaly":
+        best, calibration = calibrate_anomaly(_val_predictions(out, data, device, False, progress), cfg)
+    else:
+        v = _val_predictions(out, data, device, True, progress)
+        best, value, trials = search(v["scores"], v["truths"], v["cases"], v["images"])
+        calibration = {"split": "val", "objective": "mean per-case Dice", "n_images": len(v["scores"]),
+                       "n_cases": len(set(v["cases"])), "mean_case_dice": value,
+                       "mean_case_dice_at_0.5": next(t["mean_case_dice"] for t in trials
+                                                     if t["threshold"] == 0.5 and t["min_size"] == 0),
+                       "trials": len(trials)}
+    log.info("post-processing chosen on val: %s (%s)", best.to_dict(), calibration)
     atomic_write_text(out / "model.json", json.dumps(model_meta(cfg, in_channels, best, {
         "training": training, "calibration": calibration}), indent=2))
     return best
+
+
+def calibrate_anomaly(v: dict[str, list], cfg: TrainConfig) -> tuple[PostprocessParams, dict]:
+    """Anomaly thresholds on val: (a) from normal images only, at the target pixel FPR inside the
+    foreground; (b) where val masks with lesions exist, threshold and minimum component size
+    maximising the pooled Dice over all val images. (b) is used when available."""
+    from medanomaly.metrics import best_dice_threshold, threshold_at_fpr
+    from medanomaly.postprocess import foreground_mask
+
+    normal = [i for i, t in enumerate(v["truths"]) if not t.any()]
+    fg_scores = np.concatenate([v["scores"][i][foreground_mask(v["images"][i])] for i in normal] or [np.zeros(1)])
+    t_fpr = threshold_at_fpr(fg_scores, cfg.anomaly.target_fpr)
+    calib = {"split": "val", "target_fpr": cfg.anomaly.target_fpr, "threshold_at_target_fpr": t_fpr,
+             "n_normal_images": len(normal), "achieved_fpr": float((fg_scores > t_fpr).mean()),
+             "n_images": len(v["scores"])}
+    if not any(t.any() for t in v["truths"]):
+        calib["mode"] = "target_fpr (no lesion masks in val)"
+        return PostprocessParams(threshold=t_fpr), calib
+    flat_s = np.concatenate([s.ravel() for s in v["scores"]])
+    flat_t = np.concatenate([t.ravel() for t in v["truths"]])
+    t0, _ = best_dice_threshold(flat_s, flat_t, n_thresholds=200)
+    best, best_dice = PostprocessParams(threshold=t_fpr), -1.0
+    for t in np.unique([t0 * f for f in (0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.25)]):
+        for m in MIN_SIZES:
+            params = PostprocessParams(threshold=float(t), min_size=m)
+            stats = sum((get_stats(apply(s, params), tr) for s, tr in zip(v["scores"], v["truths"])), Stats(0, 0, 0, 0))
+            if dice(stats) > best_dice + 1e-9:
+                best, best_dice = params, dice(stats)
+    calib.update({"mode": "dice_on_val", "objective": "pooled Dice over val images", "val_dice": best_dice})
+    return best, calib

@@ -40,6 +40,15 @@ def _add_train(sub) -> None:
     p.add_argument("--patience", type=int, help="early stopping: epochs without improvement (default 15)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--no-augment", action="store_true", help="turn augmentation off")
+    p.add_argument("--task", choices=["supervised", "anomaly"],
+                   help="supervised (image + mask pairs, default) or anomaly (learn normal anatomy from normal images)")
+    p.add_argument("--method", choices=["denoise", "identity", "intensity"],
+                   help="anomaly task: denoise (coarse-noise denoising U-Net, default), identity (no-noise "
+                        "ablation), intensity (no network: the normalised intensity is the score)")
+    p.add_argument("--noise-res", type=int, help="anomaly: coarse noise grid per side (default 16)")
+    p.add_argument("--noise-std", type=float, help="anomaly: noise strength, normalised intensity units (default 0.2)")
+    p.add_argument("--target-fpr", type=float,
+                   help="anomaly: label-free threshold at this pixel false-positive rate on normal val images (default 0.01)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
 
@@ -96,13 +105,19 @@ def cmd_train(args) -> int:
                  "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "loss": args.loss,
                  "optimizer": args.optimizer, "patience": args.patience, "precision": args.precision,
                  "model.width": args.width, "model.depth": args.depth, "model.norm": args.norm,
-                 "augment.enabled": False if args.no_augment else None}
+                 "augment.enabled": False if args.no_augment else None, "task": args.task,
+                 "anomaly.method": args.method, "anomaly.noise_res": args.noise_res,
+                 "anomaly.noise_std": args.noise_std, "anomaly.target_fpr": args.target_fpr}
     if args.resume and (args.out / "config.json").is_file() and args.config is None:
         args.config = args.out / "config.json"  # resume with the run's own configuration
+        saved = json.loads(args.config.read_text()).get("task", "supervised")
+        if args.task and args.task != saved:
+            raise MedanomalyError(f"{args.out} holds a '{saved}' run; it cannot be resumed as '{args.task}': "
+                                  "drop --task, or train the other task into a new --out")
     cfg = config.load(args.config, overrides)
     res = train(args.data, args.out, cfg, args.splits, resume=args.resume, device=str(resolve_device(args.device)),
                 progress=not args.quiet)
-    _say(f"model written to {res.out_dir} (best epoch {res.best_epoch}, val Dice {res.best_val_dice:.4f}, "
+    _say(f"model written to {res.out_dir} (best epoch {res.best_epoch}, val score {res.best_val_score:.4f}, "
          f"{res.seconds / 60:.1f} min)")
     return 0
 

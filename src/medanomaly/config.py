@@ -8,14 +8,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from medanomaly.anomaly import AnomalyConfig
 from medanomaly.augment import AugmentConfig
 from medanomaly.errors import MedanomalyError
 from medanomaly.models import UNetConfig
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-TASKS = ("supervised",)
+TASKS = ("supervised", "anomaly")
 PRECISIONS = ("auto", "bf16", "fp32")
-SECTIONS = ("model", "augment")
+SECTIONS = ("model", "augment", "anomaly")
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,7 @@ class TrainConfig:
     channels_last: bool = True
     model: UNetConfig = field(default_factory=lambda: UNetConfig(width=32, depth=4, norm="batch"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)  # used by task "anomaly" only
 
     def __post_init__(self) -> None:
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
@@ -69,7 +71,7 @@ def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
 def from_dict(data: dict[str, Any]) -> TrainConfig:
     """A TrainConfig from a (possibly partial) dict; unknown keys are an error listing valid ones."""
     data = dict(data)
-    nested = {"model": UNetConfig, "augment": AugmentConfig}
+    nested = {"model": UNetConfig, "augment": AugmentConfig, "anomaly": AnomalyConfig}
     for key, cls in nested.items():
         if key in data and isinstance(data[key], dict):
             data[key] = _build(cls, data[key], key)

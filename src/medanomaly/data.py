@@ -245,28 +245,42 @@ class SliceSet:
     """2D training slices held in memory at the training size.
 
     images (N, C, S, S) float16 in about [0, 1]; masks (N, 1, S, S) uint8 or None; one case id
-    and source path per slice.
+    and source path per slice; ``lesion`` (N,) bool: the slice's mask, at full resolution, is not
+    empty (False where there is no mask); ``labelled`` (N,) bool: a mask was read for the slice.
     """
 
     images: torch.Tensor
     masks: torch.Tensor | None
     cases: list[str]
     sources: list[Path]
+    lesion: torch.Tensor
+    labelled: torch.Tensor
 
     def __len__(self) -> int:
         return self.images.shape[0]
 
+    def subset(self, keep: torch.Tensor) -> SliceSet:
+        """The slices where ``keep`` (N,) bool is True."""
+        idx = torch.nonzero(keep).flatten().tolist()
+        return SliceSet(self.images[idx], None if self.masks is None else self.masks[idx],
+                        [self.cases[i] for i in idx], [self.sources[i] for i in idx],
+                        self.lesion[idx], self.labelled[idx])
 
-def load_slices(samples: list[Sample], size: int, normalization: str = "auto", with_masks: bool = True,
+
+def load_slices(samples: list[Sample], size: int, normalization: str = "auto", with_masks: bool | None = True,
                 progress: bool = False) -> SliceSet:
     """Read, normalise and resize every image (volumes sliced along axis 0) to size x size.
 
-    Raises MedanomalyError naming the file when channel counts differ, a mask is missing
-    (``with_masks``), or a mask does not match its image.
+    ``with_masks``: True = every image needs a mask; None = masks read where present (an image
+    without one gets an empty mask and ``labelled`` False); False = masks ignored.
+    Raises MedanomalyError naming the file when channel counts differ, a required mask is
+    missing, or a mask does not match its image.
     """
     from tqdm import tqdm
 
-    images, masks, cases, sources = [], [], [], []
+    if not samples:
+        raise MedanomalyError("no images to load: the selected split is empty")
+    images, masks, cases, sources, lesion, labelled = [], [], [], [], [], []
     channels = None
     for s in tqdm(samples, desc="loading", unit="img", disable=not progress):
         img = read_image(s.image)
@@ -279,17 +293,30 @@ def load_slices(samples: list[Sample], size: int, normalization: str = "auto", w
             )
         x = torch.from_numpy(to_slices(_normalized(img, normalization)))
         images.append(resize(x, (size, size)).half())
-        if with_masks:
-            if s.mask is None:
-                raise MedanomalyError(f"no mask found for {s.image}; name it like {stem_of(s.image)}_mask.png or "
-                                      "put images and masks in images/ and masks/ folders")
-            m = read_mask(s.mask, like=img)
-            mt = torch.from_numpy(m[None].astype(np.float32))
-            mt = mt[None] if m.ndim == 2 else mt.permute(1, 0, 2, 3)
+        n = x.shape[0]
+        if with_masks and s.mask is None:
+            raise MedanomalyError(f"no mask found for {s.image}; name it like {stem_of(s.image)}_mask.png or "
+                                  "put images and masks in images/ and masks/ folders")
+        if with_masks is not False:
+            mt = _mask_slices(s, img, n)
+            lesion.append(mt.flatten(1).amax(1) > 0)
+            labelled.append(torch.full((n,), s.mask is not None))
             masks.append((resize(mt, (size, size)) > 0.5).to(torch.uint8))
-        cases += [s.case] * x.shape[0]
-        sources += [s.image] * x.shape[0]
-    return SliceSet(torch.cat(images), torch.cat(masks) if with_masks else None, cases, sources)
+        cases += [s.case] * n
+        sources += [s.image] * n
+    n_all = sum(len(x) for x in images)
+    return SliceSet(torch.cat(images), torch.cat(masks) if masks else None, cases, sources,
+                    torch.cat(lesion) if lesion else torch.zeros(n_all, dtype=torch.bool),
+                    torch.cat(labelled) if labelled else torch.zeros(n_all, dtype=torch.bool))
+
+
+def _mask_slices(s: Sample, img: Image, n: int) -> torch.Tensor:
+    """The sample's mask as (n, 1, H, W) float slices; zeros when it has none."""
+    if s.mask is None:
+        return torch.zeros((n, 1) + tuple(img.spatial_shape[-2:]))
+    m = read_mask(s.mask, like=img)
+    mt = torch.from_numpy(m[None].astype(np.float32))
+    return mt[None] if m.ndim == 2 else mt.permute(1, 0, 2, 3)
 
 
 def _normalized(img: Image, mode: str) -> Image:

@@ -41,6 +41,8 @@ class Accumulator:
     scores: list[np.ndarray] = field(default_factory=list)
     truths: list[np.ndarray] = field(default_factory=list)
     gallery: dict[str, tuple] = field(default_factory=dict)
+    image_scores: list[float] = field(default_factory=list)  # anomaly task: one score per 2D image
+    image_labels: list[bool] = field(default_factory=list)
 
     def add(self, case: str, pred: np.ndarray, truth: np.ndarray, score: np.ndarray | None, image: np.ndarray | None = None) -> None:
         s = M.get_stats(pred, truth)
@@ -96,6 +98,12 @@ def summarize(acc: Accumulator) -> dict:
     if acc.scores:
         s, t = np.concatenate(acc.scores), np.concatenate(acc.truths)
         out["auroc"], out["auprc"] = M.auroc(s, t), M.auprc(s, t)
+    if acc.image_scores:
+        out["image_auroc"] = M.auroc(np.asarray(acc.image_scores), np.asarray(acc.image_labels))
+        t_best, d_best = M.best_dice_threshold(s, t, n_thresholds=200)
+        out["oracle_dice"] = d_best
+        out["oracle_threshold"] = t_best
+        out["oracle_note"] = "optimistic: best pooled Dice over thresholds chosen on the evaluated cases themselves"
     return out
 
 
@@ -176,15 +184,38 @@ def _history(model_dir: Path) -> list[dict] | None:
         return list(csv.DictReader(fh))
 
 
+def _predict_and_score(predictor, samples: list[Sample], data: Path, pred_dir: Path | None,
+                       progress: bool) -> Accumulator:
+    """Run ``predictor`` on each sample as ``predict`` does (writing under pred_dir if given) and
+    accumulate the scores against the masks."""
+    from tqdm import tqdm
+
+    from medanomaly.anomaly import image_score
+    from medanomaly.predict import output_stem, write_prediction
+
+    acc = Accumulator()
+    for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
+        img = read_image(s.image)
+        pred = predictor.predict(img)
+        if pred_dir is not None:
+            write_prediction(pred, output_stem(pred_dir, data, s.image))
+        truth = read_mask(s.mask, like=img)
+        acc.add(s.case, pred.mask, truth, pred.score, img.array if pred_dir is not None else None)
+        if predictor.anomaly is not None:  # image-level detection, per 2D image (slice)
+            per_slice = [(pred.score, truth)] if pred.score.ndim == 2 else list(zip(pred.score, truth))
+            acc.image_scores += [image_score(sc, predictor.anomaly) for sc, _ in per_slice]
+            acc.image_labels += [bool(tr.any()) for _, tr in per_slice]
+    return acc
+
+
 def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, split: str | None = "test",
                    splits_file: str | Path | None = None, device: str = "cpu", progress: bool = True,
                    synthetic: bool = False) -> dict:
     """Predict the ``split`` of ``data`` with the model (exactly as ``predict`` does, writing the
     same files under ``out/predictions``), then score. The model's own splits.json is the
-    default split file, so test cases are the ones training never saw."""
-    from tqdm import tqdm
-
-    from medanomaly.predict import Predictor, check_output_dir, output_stem, write_prediction
+    default split file, so test cases are the ones training never saw. An anomaly model is
+    compared with the intensity baseline, calibrated on the same validation split."""
+    from medanomaly.predict import Predictor, check_output_dir
 
     model_dir, data, out = Path(model_dir), Path(data), Path(out)
     check_output_dir(out, [data])
@@ -192,20 +223,30 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, spl
         splits_file = model_dir / "splits.json"
     samples = select(data, split, splits_file)
     predictor = Predictor(model_dir, device)
-    acc = Accumulator()
-    for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
-        img = read_image(s.image)
-        pred = predictor.predict(img)
-        write_prediction(pred, output_stem(out / "predictions", data, s.image))
-        acc.add(s.case, pred.mask, read_mask(s.mask, like=img), pred.score, img.array)
+    acc = _predict_and_score(predictor, samples, data, out / "predictions", progress)
     post = predictor.post.to_dict()
-    extra = {"split": split or "all", "model": str(model_dir), "postprocess": post,
-             "threshold_source": "validation split (chosen by train, saved in model.json)",
-             "calibration": predictor.meta.get("calibration", {})}
-    notes = [f"Threshold {post['threshold']} and post-processing {post} were chosen on the validation split "
+    calibration = predictor.meta.get("calibration", {})
+    extra = {"split": split or "all", "model": str(model_dir), "task": predictor.task, "postprocess": post,
+             "threshold_source": f"validation split ({calibration.get('mode', 'Dice on val')}), saved in model.json",
+             "calibration": calibration}
+    if predictor.anomaly is not None and predictor.anomaly.method != "intensity":
+        extra["method"] = predictor.anomaly.method
+        extra["baseline"] = _baseline_summary(model_dir, data, out / "baseline-model", samples, device, progress)
+    notes = [f"Threshold {post['threshold']:.4g} and post-processing {post} were chosen on the validation split "
              "during training; nothing was tuned on these cases.",
              "Dice per case pools all slices of a case; empty truth and empty prediction score 1."]
     return _finish(acc, out, extra, _history(model_dir), f"medanomaly evaluation ({split or 'all'} split)", synthetic, notes)
+
+
+def _baseline_summary(model_dir: Path, data: Path, base_dir: Path, samples: list[Sample], device: str,
+                      progress: bool) -> dict:
+    """The intensity baseline on the same cases, calibrated on the model's own val split."""
+    from medanomaly.predict import Predictor
+    from medanomaly.train import fit_intensity_baseline
+
+    fit_intensity_baseline(model_dir, data, base_dir, device=device, progress=progress)
+    summary = summarize(_predict_and_score(Predictor(base_dir, device), samples, data, None, progress))
+    return {"method": "intensity", **summary}
 
 
 def evaluate_predictions(pred_dir: str | Path, data: str | Path, out: str | Path, split: str | None = None,

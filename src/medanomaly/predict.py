@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from medanomaly import __version__
+from medanomaly.anomaly import AnomalyConfig, residual_map
 from medanomaly.data import is_mask_file, normalize, resize
 from medanomaly.errors import MedanomalyError
 from medanomaly.io import IMAGE_SUFFIXES, Image, full_suffix, is_dicom_series_dir, read_image, stem_of, write_mask, write_score
@@ -62,7 +63,10 @@ class Predictor:
         self.size, self.channels, self.normalization = spec["size"], spec["channels"], spec["normalization"]
         self.post = PostprocessParams.from_dict(self.meta["postprocess"])
         self.precision = choose_precision(self.meta.get("precision", "auto"), self.device)
-        self.model = load_weights(self.model_dir, UNetConfig(**self.meta["model"]), self.device)
+        self.task = self.meta.get("task", "supervised")
+        self.anomaly = AnomalyConfig(**self.meta["anomaly"]) if self.task == "anomaly" else None
+        needs_net = self.anomaly is None or self.anomaly.method != "intensity"
+        self.model = load_weights(self.model_dir, UNetConfig(**self.meta["model"]), self.device) if needs_net else None
 
     def scores(self, image: Image) -> np.ndarray:
         """Probability map (float32, image.spatial_shape) for one image or volume (slice-wise)."""
@@ -75,15 +79,26 @@ class Predictor:
         out = []
         with torch.inference_mode():
             for i in range(0, slices.shape[0], self.batch_size):
-                x = resize(slices[i:i + self.batch_size], (self.size, self.size)).to(self.device)
-                if next(self.model.parameters()).is_contiguous(memory_format=torch.channels_last):
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast(self.device, self.precision):
-                    logits = self.model(x)
-                logits = torch.nn.functional.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-                out.append(torch.sigmoid(logits)[:, 0].cpu())
+                x = resize(slices[i:i + self.batch_size], (self.size, self.size))
+                score = self._anomaly_map(x) if self.anomaly else torch.sigmoid(self._forward(x).float())
+                score = torch.nn.functional.interpolate(score, size=(h, w), mode="bilinear", align_corners=False)
+                out.append(score[:, 0].cpu())
         score = torch.cat(out).numpy().astype(np.float32)
         return score[0] if image.array.ndim == 3 else score
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device)
+        if next(self.model.parameters()).is_contiguous(memory_format=torch.channels_last):
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(self.device, self.precision):
+            return self.model(x)
+
+    def _anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, S, S) normalised slices -> (N, 1, S, S) residual maps at the model size."""
+        recon = None if self.model is None else self._forward(x).float().cpu().numpy()
+        xs = x.numpy()
+        maps = [residual_map(xs[k], None if recon is None else recon[k], self.anomaly) for k in range(len(xs))]
+        return torch.from_numpy(np.stack(maps)[:, None])
 
     def predict(self, image: Image) -> Prediction:
         score = self.scores(image)

@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +36,7 @@ METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds",
 class TrainResult:
     out_dir: Path
     best_epoch: int
-    best_val_dice: float
+    best_val_score: float  # mean per-case val Dice (supervised) or minus the val denoising loss
     epochs_run: int
     seconds: float
 
@@ -61,7 +61,7 @@ def batch_indices(train: SliceSet, cfg: TrainConfig, gen: torch.Generator) -> li
     order = torch.randperm(n, generator=gen)
     steps = max(1, n // cfg.batch_size)
     batches = [order[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(steps)]
-    positives = torch.nonzero(train.masks.flatten(1).amax(1) > 0).flatten() if train.masks is not None else None
+    positives = torch.nonzero(train.lesion).flatten() if cfg.task == "supervised" else None
     n_pos = int(round(cfg.positive_fraction * cfg.batch_size))
     if positives is None or len(positives) == 0 or n_pos == 0:
         return batches
@@ -70,6 +70,22 @@ def batch_indices(train: SliceSet, cfg: TrainConfig, gen: torch.Generator) -> li
         pick = positives[torch.randint(len(positives), (n_pos,), generator=gen)]
         out.append(torch.cat([pick, b[: cfg.batch_size - n_pos]]))
     return out
+
+
+@torch.no_grad()
+def validate_anomaly(model: UNet, val: SliceSet, cfg: TrainConfig, precision: str, device: torch.device,
+                     batch: int = 32) -> tuple[float, float]:
+    """(mean denoising loss, its negative as the score to maximise) on normal validation slices;
+    the noise is drawn from a fixed seed so epochs are compared on the same corruption."""
+    from medanomaly.anomaly import denoise_loss
+
+    model.eval()
+    gen, total = torch.Generator().manual_seed(12345), 0.0
+    for i in range(0, len(val), batch):
+        x, fg = val.images[i:i + batch].float().to(device), val.masks[i:i + batch].float().to(device)
+        total += float(denoise_loss(model, x, fg, cfg.anomaly, gen, autocast(device, precision))) * len(x)
+    loss = total / max(1, len(val))
+    return loss, -loss
 
 
 @torch.no_grad()
@@ -108,11 +124,21 @@ def _append_metrics(path: Path, row: dict) -> None:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
-def _save_state(path: Path, model, opt, epoch: int, step: int, best: float, best_epoch: int, elapsed: float,
-                gen: torch.Generator, bad_epochs: int) -> None:
-    atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch, "step": step,
-                       "best": best, "best_epoch": best_epoch, "elapsed": elapsed, "rng": gen.get_state(),
-                       "bad_epochs": bad_epochs}, path)
+@dataclass
+class RunState:
+    """Progress of a run, saved in checkpoint.pt after every epoch (plain numbers: weights_only-safe)."""
+
+    epoch: int = -1  # last finished epoch
+    step: int = 0
+    best: float = -math.inf  # best validation score (Dice, or minus the anomaly val loss)
+    best_epoch: int = -1
+    elapsed: float = 0.0  # training seconds so far, across resumes
+    bad_epochs: int = 0
+
+
+def _save_state(path: Path, model, opt, gen: torch.Generator, state: RunState) -> None:
+    atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(),
+                       **asdict(state)}, path)
 
 
 def load_state(path: Path) -> dict:
@@ -122,21 +148,51 @@ def load_state(path: Path) -> dict:
         raise MedanomalyError(f"cannot resume from {path}: {exc}; delete it to start afresh") from exc
 
 
+def _resume(path: Path, model, opt, gen: torch.Generator, metrics_csv: Path) -> RunState:
+    st = load_state(path)
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    gen.set_state(st["rng"])
+    state = RunState(**{k: st[k] for k in asdict(RunState())})
+    if metrics_csv.exists():  # drop rows of an epoch that finished after the last checkpoint
+        lines = metrics_csv.read_text().splitlines(keepends=True)
+        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= state.epoch]
+        atomic_write_text(metrics_csv, "".join(kept))
+    log.info("resuming after epoch %d (best val score %.4f at epoch %d)", state.epoch, state.best, state.best_epoch)
+    return state
+
+
+def normal_only(slices: SliceSet, data: Path, split: str) -> SliceSet:
+    """Slices without lesion (no mask, or an empty one); masks replaced by foreground masks,
+    which the anomaly task uses to restrict noise and loss (lesion masks are used for nothing else)."""
+    from medanomaly.anomaly import foreground
+
+    normal = slices.subset(~slices.lesion)
+    if len(normal) == 0:
+        raise MedanomalyError(f"no normal image in the {split} split of {data}: the anomaly task learns from images "
+                              "without lesions (a folder without masks, or slices whose mask is empty)")
+    normal.masks = foreground(normal.images).to(torch.uint8)
+    return normal
+
+
 def prepare(data: Path, out: Path, cfg: TrainConfig, splits_file, progress: bool) -> tuple[SliceSet, SliceSet, dict]:
     """Discover, split by case, load train and val slices; write splits.json and config.json."""
     samples = discover(data)
-    labelled = [s for s in samples if s.mask is not None]
-    if not labelled:
+    usable = [s for s in samples if s.mask is not None] if cfg.task == "supervised" else samples
+    if not usable:
         raise MedanomalyError(f"no image/mask pairs found in {data}: supervised training needs masks named like "
                               "X_mask.png beside X.png, or images/ + masks/ folders (see README, 'Data layouts')")
-    splits = resolve_splits(data, labelled, splits_file, cfg.seed)
-    parts = {k: [s for s in labelled if s.case in set(v)] for k, v in splits.items()}
+    splits = resolve_splits(data, usable, splits_file, cfg.seed)
+    parts = {k: [s for s in usable if s.case in set(v)] for k, v in splits.items()}
     if not parts["train"] or not parts["val"]:
         raise MedanomalyError(f"the split leaves {len(parts['train'])} training and {len(parts['val'])} validation "
                               f"images in {data}; at least one of each is needed (add cases or fix --splits)")
-    train = load_slices(parts["train"], cfg.size, cfg.normalization, progress=progress)
-    val = load_slices(parts["val"], cfg.size, cfg.normalization, progress=progress)
-    if int(train.masks.sum()) == 0:
+    with_masks = True if cfg.task == "supervised" else None
+    train = load_slices(parts["train"], cfg.size, cfg.normalization, with_masks, progress=progress)
+    val = load_slices(parts["val"], cfg.size, cfg.normalization, with_masks, progress=progress)
+    if cfg.task == "anomaly":
+        train, val = normal_only(train, data, "train"), normal_only(val, data, "val")
+    elif int(train.masks.sum()) == 0:
         raise MedanomalyError(f"every training mask in {data} is empty; supervised training needs lesions to learn "
                               "from (use --task anomaly for normal-only data)")
     out.mkdir(parents=True, exist_ok=True)
@@ -152,8 +208,6 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     The best epoch (mean per-case validation Dice) is kept; afterwards the threshold and
     post-processing are chosen on the validation split (:mod:`medanomaly.calibrate`).
     """
-    from tqdm import tqdm
-
     from medanomaly.calibrate import calibrate_and_save
 
     data, out, dev = Path(data), Path(out), torch.device(device)
@@ -163,71 +217,110 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     if not resume and (out / "model.json").exists():
         raise MedanomalyError(f"{out} already holds a trained model; pass --resume to continue or choose a new --out")
     train_set, val_set, _ = prepare(data, out, cfg, splits_file, progress)
+    in_ch = train_set.images.shape[1]
+    if cfg.task == "anomaly" and cfg.anomaly.method == "intensity":  # a baseline: nothing to train
+        calibrate_and_save(out, None, cfg, data, in_ch, -1, float("nan"), device=torch.device(device), progress=progress)
+        return TrainResult(out, -1, float("nan"), 0, 0.0)
     set_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    in_ch = train_set.images.shape[1]
-    model = build_model(replace(cfg.model, in_channels=in_ch, out_channels=1)).to(dev)
+    out_ch = in_ch if cfg.task == "anomaly" else 1  # a reconstruction, or lesion logits
+    model = build_model(replace(cfg.model, in_channels=in_ch, out_channels=out_ch)).to(dev)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     loss_fn = get_loss(cfg.loss, cfg.bce_weight)
     precision = choose_precision(cfg.precision, dev)
-    start_epoch, step, best, best_epoch, elapsed, bad = 0, 0, -1.0, -1, 0.0, 0
-    if resume:
-        st = load_state(ckpt_path)
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        gen.set_state(st["rng"])
-        start_epoch, step, best, best_epoch = st["epoch"] + 1, st["step"], st["best"], st["best_epoch"]
-        elapsed, bad = st["elapsed"], st["bad_epochs"]
-        log.info("resuming after epoch %d (best val Dice %.4f at epoch %d)", st["epoch"], best, best_epoch)
-    steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
-    total_steps, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    state = _resume(ckpt_path, model, opt, gen, out / "metrics.csv") if resume else RunState()
     budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
     log.info("training on %d slices (%d val), %s, precision %s, budget %.1f min",
              len(train_set), len(val_set), device, precision, cfg.max_minutes)
-    epoch = start_epoch
-    for epoch in range(start_epoch, cfg.epochs):
-        t0, model_losses = time.perf_counter(), []
-        model.train()
-        bar = tqdm(batch_indices(train_set, cfg, gen), desc=f"epoch {epoch}", unit="batch", disable=not progress,
-                   leave=False)
-        for idx in bar:
-            progress_frac = max(step / total_steps, (elapsed + time.perf_counter() - t0) / budget)
-            lr = lr_at(cfg, step, warmup, progress_frac)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            x, y = augment_batch(train_set.images[idx].float(), train_set.masks[idx].float(), cfg.augment, gen)
-            x, y = _layout(x.to(dev), model), y.to(dev)
-            with autocast(dev, precision):
-                logits = model(x)
-            loss = loss_fn(logits.float(), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            model_losses.append(loss.detach().item())
-            bar.set_postfix(loss=f"{model_losses[-1]:.4f}")
-        val_loss, val_dice = validate(model, val_set, loss_fn, precision, dev)
+    for epoch in range(state.epoch + 1, cfg.epochs):
+        t0 = time.perf_counter()
+        train_loss, lr = _run_epoch(model, opt, train_set, cfg, gen, state, budget, dev, precision, loss_fn, progress)
+        if cfg.task == "anomaly":
+            val_loss, val_score = validate_anomaly(model, val_set, cfg, precision, dev)
+        else:
+            val_loss, val_score = validate(model, val_set, loss_fn, precision, dev)
+        val_dice = val_score if cfg.task == "supervised" else float("nan")
         seconds = time.perf_counter() - t0
-        elapsed += seconds
-        improved = val_dice > best
+        state.epoch, state.elapsed = epoch, state.elapsed + seconds
+        improved = val_score > state.best
         if improved:
-            best, best_epoch, bad = val_dice, epoch, 0
+            state.best, state.best_epoch, state.bad_epochs = val_score, epoch, 0
             atomic_torch_save(model.state_dict(), out / "model.pt")
         else:
-            bad += 1
+            state.bad_epochs += 1
+        n_images = (len(train_set) // cfg.batch_size) * cfg.batch_size
         _append_metrics(out / "metrics.csv", {
-            "epoch": epoch, "train_loss": float(np.mean(model_losses)), "val_loss": val_loss, "val_dice": val_dice,
-            "lr": lr, "seconds": seconds, "images_per_s": len(model_losses) * cfg.batch_size / seconds})
-        _save_state(ckpt_path, model, opt, epoch, step, best, best_epoch, elapsed, gen, bad)
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %.4f%s (%.0f s)", epoch,
-                 np.mean(model_losses), val_loss, val_dice, " *" if improved else "", seconds)
-        if bad >= cfg.patience:
+            "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_dice": val_dice,
+            "lr": lr, "seconds": seconds, "images_per_s": n_images / seconds})
+        _save_state(ckpt_path, model, opt, gen, state)
+        log.info("epoch %d: train loss %.4f, val loss %.4f, val score %.4f%s (%.0f s)", epoch,
+                 train_loss, val_loss, val_score, " *" if improved else "", seconds)
+        if state.bad_epochs >= cfg.patience:
             log.info("early stop: no validation improvement for %d epochs", cfg.patience)
             break
-        if elapsed + seconds > budget * 1.02:  # the next epoch would overrun the budget
+        if state.elapsed + seconds > budget * 1.02:  # the next epoch would overrun the budget
             log.info("time budget of %.1f min reached", cfg.max_minutes)
             break
-    calibrate_and_save(out, model, cfg, data, in_ch, best_epoch, best, device=dev, progress=progress)
-    return TrainResult(out, best_epoch, best, epoch + 1, elapsed)
+    calibrate_and_save(out, model, cfg, data, in_ch, state.best_epoch, state.best, device=dev, progress=progress)
+    return TrainResult(out, state.best_epoch, state.best, state.epoch + 1, state.elapsed)
+
+
+def _step_loss(model, images: torch.Tensor, masks: torch.Tensor, cfg: TrainConfig, gen: torch.Generator,
+               dev: torch.device, precision: str, loss_fn) -> torch.Tensor:
+    """Loss of one batch: segmentation loss on logits, or (anomaly) the denoising loss, where
+    ``masks`` are foreground masks and intensity augmentation is off (it would redefine normal)."""
+    if cfg.task == "anomaly":
+        from medanomaly.anomaly import denoise_loss
+
+        aug = replace(cfg.augment, p_gamma=0.0, p_contrast=0.0, p_noise=0.0)
+        x, fg = augment_batch(images, masks, aug, gen)
+        return denoise_loss(model, x.to(dev), fg.to(dev), cfg.anomaly, gen, autocast(dev, precision))
+    x, y = augment_batch(images, masks, cfg.augment, gen)
+    x, y = _layout(x.to(dev), model), y.to(dev)
+    with autocast(dev, precision):
+        logits = model(x)
+    return loss_fn(logits.float(), y)
+
+
+def _run_epoch(model, opt, train_set: SliceSet, cfg: TrainConfig, gen: torch.Generator, state: RunState,
+               budget: float, dev: torch.device, precision: str, loss_fn, progress: bool) -> tuple[float, float]:
+    """One pass over the training slices; returns (mean loss, last learning rate)."""
+    from tqdm import tqdm
+
+    t0, losses, lr = time.perf_counter(), [], cfg.lr
+    steps_per_epoch = max(1, len(train_set) // cfg.batch_size)
+    total_steps, warmup = cfg.epochs * steps_per_epoch, int(cfg.warmup_epochs * steps_per_epoch)
+    model.train()
+    bar = tqdm(batch_indices(train_set, cfg, gen), desc=f"epoch {state.epoch + 1}", unit="batch",
+               disable=not progress, leave=False)
+    for idx in bar:
+        # the schedule follows steps or wall time, whichever is further along
+        lr = lr_at(cfg, state.step, warmup, max(state.step / total_steps,
+                                                 (state.elapsed + time.perf_counter() - t0) / budget))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        loss = _step_loss(model, train_set.images[idx].float(), train_set.masks[idx].float(), cfg, gen, dev,
+                          precision, loss_fn)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state.step += 1
+        losses.append(loss.detach().item())
+        bar.set_postfix(loss=f"{losses[-1]:.4f}")
+    return float(np.mean(losses)), lr
+
+
+def fit_intensity_baseline(model_dir: Path, data: Path, out: Path, device: str = "cpu", progress: bool = True) -> Path:
+    """Calibrate the intensity baseline on the val split of an existing model directory (same
+    splits, size and normalisation), writing a model directory of its own in ``out``."""
+    from medanomaly.calibrate import calibrate_and_save
+
+    cfg = config_mod.load(model_dir / "config.json", {"task": "anomaly", "anomaly.method": "intensity"})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "splits.json", (model_dir / "splits.json").read_text())
+    config_mod.save(cfg, out / "config.json")
+    in_ch = json.loads((model_dir / "model.json").read_text())["input"]["channels"]
+    calibrate_and_save(out, None, cfg, data, in_ch, -1, float("nan"), device=torch.device(device), progress=progress)
+    return out

@@ -1,0 +1,99 @@
+"""Unsupervised anomaly detection from normal images: reconstruction residuals.
+
+A U-Net with skip connections trained to reproduce its input learns the identity and copies
+lesions too. Trained as a *denoiser* of coarse, low-frequency noise instead (Kascenas et al.,
+"Denoising autoencoders for unsupervised anomaly detection in brain MRI", MIDL 2022), it must
+replace corrupted regions with plausible normal anatomy; on a new image the regions it cannot
+reproduce (large ``|x - x_hat|``) are flagged as abnormal.
+
+Methods (``AnomalyConfig.method``, a registry whose errors list the keys):
+
+* ``denoise``: coarse-noise denoising U-Net (the default);
+* ``identity``: the same U-Net trained without noise, the ablation that shows why;
+* ``intensity``: no network; the normalised intensity itself is the score (the classic strong
+  baseline for FLAIR hyperintensities).
+
+Shapes: images (N, C, H, W) in about [0, 1]; foreground masks (N, 1, H, W) in {0, 1}.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medanomaly.postprocess import foreground_mask, median_filter_scores
+
+METHODS = ("denoise", "identity", "intensity")
+
+
+@dataclass(frozen=True)
+class AnomalyConfig:
+    """Settings of the anomaly task; sizes are pixels at the model input size."""
+
+    method: str = "denoise"
+    noise_res: int = 16  # the noise is drawn on a noise_res x noise_res grid, then upsampled
+    noise_std: float = 0.2  # in units of the normalised intensity
+    erode: int = 3  # foreground erosion, so the body outline does not light up
+    median_size: int = 5  # median filter of the residual map
+    image_quantile: float = 0.995  # image-level score: this quantile of the map inside the foreground
+    target_fpr: float = 0.01  # label-free threshold: this fraction of normal foreground pixels above it
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            from medanomaly.errors import MedanomalyError
+
+            raise MedanomalyError(f"unknown anomaly method {self.method!r}; valid: {', '.join(METHODS)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def coarse_noise(shape: tuple[int, ...], res: int, std: float, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian noise drawn at (res, res) and upsampled bilinearly to shape (N, C, H, W).
+
+    Its power sits below about res/2 cycles per image side: blobs the size of lesions, which
+    the network can only remove by knowing what normal tissue looks like there.
+    """
+    n, c, h, w = shape
+    coarse = torch.randn(n, c, res, res, generator=gen) * std
+    return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def foreground(images: torch.Tensor, erode: int = 0) -> torch.Tensor:
+    """(N, C, H, W) -> (N, 1, H, W) float foreground (Otsu, largest components, holes filled)."""
+    out = [foreground_mask(img.float().mean(0).numpy(), erode=erode) for img in images]
+    return torch.from_numpy(np.stack(out)[:, None].astype(np.float32))
+
+
+def denoise_loss(model: torch.nn.Module, x: torch.Tensor, fg: torch.Tensor, cfg: AnomalyConfig,
+                 gen: torch.Generator, autocast_ctx) -> torch.Tensor:
+    """Mean squared error of the reconstruction of x from x + fg * noise, inside the foreground."""
+    noisy = x
+    if cfg.method == "denoise":
+        noisy = x + fg * coarse_noise(tuple(x.shape), cfg.noise_res, cfg.noise_std, gen).to(x.device)
+    if x.ndim == 4 and next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
+        noisy = noisy.contiguous(memory_format=torch.channels_last)
+    with autocast_ctx:
+        recon = model(noisy)
+    err = (recon.float() - x) ** 2 * fg
+    return err.sum() / (fg.sum() * x.shape[1]).clamp_min(1.0)
+
+
+def residual_map(x: np.ndarray, recon: np.ndarray | None, cfg: AnomalyConfig) -> np.ndarray:
+    """Anomaly map of one image at model size: x, recon (C, H, W) -> (H, W) float32.
+
+    ``|x - recon|`` averaged over channels (for ``intensity``: x itself), zero outside the eroded
+    foreground, median filtered.
+    """
+    fg = foreground_mask(x.mean(0), erode=cfg.erode)
+    raw = x.mean(0) if recon is None else np.abs(x - recon).mean(0)
+    score = median_filter_scores(raw * fg, cfg.median_size) if cfg.median_size > 1 else raw * fg
+    return (score * fg).astype(np.float32)
+
+
+def image_score(score: np.ndarray, cfg: AnomalyConfig) -> float:
+    """Image-level anomaly score: a high quantile of the map (robust to a few hot pixels)."""
+    return float(np.quantile(score, cfg.image_quantile)) if score.size else 0.0
