@@ -76,7 +76,7 @@ def test_unknown_dotted_section_is_a_medanomaly_error(key):
 
 
 @pytest.mark.parametrize("changes", [
-    {"optimizer": "rmsprop"}, {"loss": "focal"}, {"task": "anomaly"}, {"precision": "fp8"},
+    {"optimizer": "rmsprop"}, {"loss": "focal"}, {"task": "segmentation"}, {"precision": "fp8"},
     {"size": 8}, {"batch_size": 0}, {"epochs": 0},
 ])
 def test_invalid_values(changes):

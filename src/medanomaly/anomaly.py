@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from medanomaly.postprocess import foreground_mask, median_filter_scores
 
 METHODS = ("denoise", "identity", "intensity")
+RESIDUALS = ("abs", "positive", "negative")
 
 
 @dataclass(frozen=True)
@@ -36,8 +37,10 @@ class AnomalyConfig:
     method: str = "denoise"
     noise_res: int = 16  # the noise is drawn on a noise_res x noise_res grid, then upsampled
     noise_std: float = 0.2  # in units of the normalised intensity
+    residual: str = "abs"  # |x - x_hat|; "positive": x above x_hat only (hyperintense lesions, e.g. FLAIR)
     erode: int = 3  # foreground erosion, so the body outline does not light up
     median_size: int = 5  # median filter of the residual map
+    select_map_on_val: bool = True  # choose residual, erode and median_size by val AUPRC where val has lesions
     image_quantile: float = 0.995  # image-level score: this quantile of the map inside the foreground
     target_fpr: float = 0.01  # label-free threshold: this fraction of normal foreground pixels above it
 
@@ -46,6 +49,10 @@ class AnomalyConfig:
             from medanomaly.errors import MedanomalyError
 
             raise MedanomalyError(f"unknown anomaly method {self.method!r}; valid: {', '.join(METHODS)}")
+        if self.residual not in RESIDUALS:
+            from medanomaly.errors import MedanomalyError
+
+            raise MedanomalyError(f"unknown residual {self.residual!r}; valid: {', '.join(RESIDUALS)}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -85,11 +92,12 @@ def denoise_loss(model: torch.nn.Module, x: torch.Tensor, fg: torch.Tensor, cfg:
 def residual_map(x: np.ndarray, recon: np.ndarray | None, cfg: AnomalyConfig) -> np.ndarray:
     """Anomaly map of one image at model size: x, recon (C, H, W) -> (H, W) float32.
 
-    ``|x - recon|`` averaged over channels (for ``intensity``: x itself), zero outside the eroded
-    foreground, median filtered.
+    The residual ``x - recon`` (absolute, or only its positive or negative part, per
+    ``cfg.residual``) averaged over channels (for ``intensity``: x itself), zero outside the
+    eroded foreground, median filtered.
     """
     fg = foreground_mask(x.mean(0), erode=cfg.erode)
-    raw = x.mean(0) if recon is None else np.abs(x - recon).mean(0)
+    raw = x.mean(0) if recon is None else _signed(x - recon, cfg.residual).mean(0)
     score = median_filter_scores(raw * fg, cfg.median_size) if cfg.median_size > 1 else raw * fg
     return (score * fg).astype(np.float32)
 
@@ -97,3 +105,19 @@ def residual_map(x: np.ndarray, recon: np.ndarray | None, cfg: AnomalyConfig) ->
 def image_score(score: np.ndarray, cfg: AnomalyConfig) -> float:
     """Image-level anomaly score: a high quantile of the map (robust to a few hot pixels)."""
     return float(np.quantile(score, cfg.image_quantile)) if score.size else 0.0
+
+
+def _signed(diff: np.ndarray, residual: str) -> np.ndarray:
+    if residual == "positive":
+        return np.clip(diff, 0, None)
+    if residual == "negative":
+        return np.clip(-diff, 0, None)
+    return np.abs(diff)
+
+
+def map_variants(cfg: AnomalyConfig) -> list[AnomalyConfig]:
+    """Anomaly-map settings tried on the validation split (residual sign x erosion x median)."""
+    from dataclasses import replace
+
+    residuals = RESIDUALS if cfg.method != "intensity" else ("abs",)  # intensity has no residual
+    return [replace(cfg, residual=r, erode=e, median_size=m) for r in residuals for e in (3, 6) for m in (5, 7)]

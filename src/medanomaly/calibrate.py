@@ -71,7 +71,8 @@ def model_meta(cfg: TrainConfig, in_channels: int, post: PostprocessParams, extr
         "medanomaly_version": __version__,
         "task": cfg.task,
         "model": {**cfg.model.to_dict(), "in_channels": in_channels, "out_channels": out_channels},
-        "input": {"channels": in_channels, "size": cfg.size, "normalization": cfg.normalization, "dim": 2},
+        "input": {"channels": in_channels, "size": cfg.size, "normalization": cfg.normalization, "dim": 2,
+                  "tta": cfg.tta and cfg.task == "supervised"},
         "precision": cfg.precision,
         "postprocess": post.to_dict(),
         **extra,
@@ -114,7 +115,11 @@ def calibrate_and_save(out: Path, model: torch.nn.Module | None, cfg: TrainConfi
     atomic_write_text(out / "model.json", json.dumps(model_meta(cfg, in_channels, PostprocessParams(), {
         "training": training, "calibration": {"status": "pending"}}), indent=2))
     if cfg.task == "anomaly":
+        cfg, map_choice = choose_map(out, data, cfg, device)
+        atomic_write_text(out / "model.json", json.dumps(model_meta(cfg, in_channels, PostprocessParams(), {
+            "training": training, "calibration": {"status": "pending"}}), indent=2))
         best, calibration = calibrate_anomaly(_val_predictions(out, data, device, False, progress), cfg)
+        calibration["map_selection"] = map_choice
     else:
         v = _val_predictions(out, data, device, True, progress)
         best, value, trials = search(v["scores"], v["truths"], v["cases"], v["images"])
@@ -157,3 +162,50 @@ def calibrate_anomaly(v: dict[str, list], cfg: TrainConfig) -> tuple[Postprocess
                 best, best_dice = params, dice(stats)
     calib.update({"mode": "dice_on_val", "objective": "pooled Dice over val images", "val_dice": best_dice})
     return best, calib
+
+
+def choose_map(out: Path, data: Path, cfg: TrainConfig, device) -> tuple[TrainConfig, dict]:
+    """The anomaly-map settings (residual sign, foreground erosion, median size) with the best pixel
+    AUPRC on the labelled val slices, at the model's input size (one forward pass, then cheap
+    variants). Without lesions in val, the configured settings are kept."""
+    from medanomaly.anomaly import map_variants, residual_map
+    from medanomaly.data import load_slices
+    from medanomaly.metrics import auprc
+    from medanomaly.predict import Predictor
+
+    samples = val_samples(out, data, labelled_only=True)
+    if not cfg.anomaly.select_map_on_val or not samples:
+        return cfg, {"selected": False, "reason": "disabled or no labelled val images"}
+    val = load_slices(samples, cfg.size, cfg.normalization, True)
+    if not bool(val.lesion.any()):
+        return cfg, {"selected": False, "reason": "no lesion in the val masks"}
+    predictor, x = Predictor(out, device), val.images.float()
+    recon = None
+    if predictor.model is not None:
+        with torch.inference_mode():
+            recon = torch.cat([predictor._forward(x[i:i + 32]).float().cpu() for i in range(0, len(x), 32)]).numpy()
+    xs, truth = x.numpy(), val.masks.numpy()[:, 0].astype(bool)
+    trials = []
+    for v in map_variants(cfg.anomaly):
+        maps = np.stack([residual_map(xs[i], None if recon is None else recon[i], v) for i in range(len(xs))])
+        trials.append({"residual": v.residual, "erode": v.erode, "median_size": v.median_size,
+                       "val_auprc": auprc(maps, truth), "config": v})
+    best = max(trials, key=lambda t: t["val_auprc"])
+    log.info("anomaly map chosen on val: residual %s, erode %d, median %d (AUPRC %.3f)", best["residual"],
+             best["erode"], best["median_size"], best["val_auprc"])
+    return replace(cfg, anomaly=best["config"]), {
+        "selected": True, "objective": "pixel AUPRC on val slices at the model input size",
+        "trials": [{k: v for k, v in t.items() if k != "config"} for t in trials]}
+
+
+def recalibrate(model_dir: str | Path, data: str | Path, device: str = "cpu", progress: bool = True) -> PostprocessParams:
+    """Choose the threshold and post-processing (and the anomaly map settings) again on the val
+    split of an existing model directory, e.g. after a change of medanomaly or of --target-fpr."""
+    from medanomaly import config as config_mod
+
+    model_dir = Path(model_dir)
+    meta = json.loads((model_dir / "model.json").read_text())
+    cfg = config_mod.load(model_dir / "config.json")
+    training = meta.get("training", {})
+    return calibrate_and_save(model_dir, None, cfg, Path(data), meta["input"]["channels"], training.get("best_epoch", -1),
+                              training.get("best_val_score", float("nan")), torch.device(device), progress)

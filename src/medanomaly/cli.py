@@ -1,4 +1,4 @@
-"""The ``medanomaly`` command: train, predict, evaluate, demo.
+"""The ``medanomaly`` command: train, predict, evaluate, demo, export.
 
 Every user error ends as one paragraph on stderr and exit code 2, without a traceback.
 """
@@ -40,6 +40,8 @@ def _add_train(sub) -> None:
     p.add_argument("--patience", type=int, help="early stopping: epochs without improvement (default 15)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--no-augment", action="store_true", help="turn augmentation off")
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
+                   help="supervised: average the prediction with that of the left-right flipped image")
     p.add_argument("--task", choices=["supervised", "anomaly"],
                    help="supervised (image + mask pairs, default) or anomaly (learn normal anatomy from normal images)")
     p.add_argument("--method", choices=["denoise", "identity", "intensity"],
@@ -61,6 +63,24 @@ def _add_predict(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (mirrors the input tree)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier predictions in --out")
     p.add_argument("--device", default="auto")
+    p.add_argument("--runtime", choices=("torch", "onnx"), default="torch",
+                   help="run the network with PyTorch (default) or with ONNX Runtime on MODEL/model.onnx "
+                        "(CPU, fp32; create it with 'medanomaly export MODEL')")
+    p.add_argument("--dicom-seg", action=argparse.BooleanOptionalAction, default=True,
+                   help="for DICOM series inputs, also write STEM_seg.dcm: the mask as a DICOM SEG referencing the "
+                        "series (default on). It carries only the patient and study identifiers the standard "
+                        "requires to reference its source; --no-dicom-seg leaves it out")
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a model's network to ONNX for other runtimes",
+                       description="Export the network of a model directory to ONNX (fp32, NCHW input 'image' with a "
+                                   "dynamic batch axis), with a JSON sidecar FILE.json describing the pre- and "
+                                   "post-processing. The file is checked against PyTorch with ONNX Runtime.")
+    p.add_argument("model", type=Path, help="model directory written by 'medanomaly train'")
+    p.add_argument("--format", choices=("onnx",), default="onnx", help="export format (default: onnx)")
+    p.add_argument("--out", type=Path, default=None, help="output file (default: MODEL/model.onnx)")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version, 13..20 (default: 17)")
 
 
 def _add_evaluate(sub) -> None:
@@ -91,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medanomaly {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_predict, _add_evaluate, _add_demo):
+    for add in (_add_train, _add_predict, _add_evaluate, _add_demo, _add_export):
         add(sub)
     return parser
 
@@ -105,7 +125,7 @@ def cmd_train(args) -> int:
                  "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "loss": args.loss,
                  "optimizer": args.optimizer, "patience": args.patience, "precision": args.precision,
                  "model.width": args.width, "model.depth": args.depth, "model.norm": args.norm,
-                 "augment.enabled": False if args.no_augment else None, "task": args.task,
+                 "augment.enabled": False if args.no_augment else None, "task": args.task, "tta": args.tta,
                  "anomaly.method": args.method, "anomaly.noise_res": args.noise_res,
                  "anomaly.noise_std": args.noise_std, "anomaly.target_fpr": args.target_fpr}
     if args.resume and (args.out / "config.json").is_file() and args.config is None:
@@ -126,12 +146,21 @@ def cmd_predict(args) -> int:
     from medanomaly.predict import predict_paths
     from medanomaly.runtime import resolve_device
 
-    res = predict_paths(args.model, args.inputs, args.out, str(resolve_device(args.device)), args.overwrite,
-                        progress=not args.quiet)
+    device = "cpu" if args.runtime == "onnx" and args.device == "auto" else str(resolve_device(args.device))
+    res = predict_paths(args.model, args.inputs, args.out, device, args.overwrite, progress=not args.quiet,
+                        runtime=args.runtime, dicom_seg=args.dicom_seg)
     _say(f"{res['n_ok']} images predicted into {res['out']}")
     for f in res["failed"]:
         _say(f"failed: {f['input']}: {f['error']}", err=True)
     return 1 if res["failed"] else 0
+
+
+def cmd_export(args) -> int:
+    from medanomaly.export import export_onnx, sidecar_path
+
+    path = export_onnx(args.model, args.out, args.opset)
+    _say(f"ONNX model written to {path}; its pre- and post-processing are described in {sidecar_path(path)}")
+    return 0
 
 
 def cmd_evaluate(args) -> int:
@@ -169,11 +198,13 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "demo": cmd_demo}
+    commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "demo": cmd_demo,
+                "export": cmd_export}
     try:
         return commands[args.command](args)
     except MedanomalyError as exc:
-        _say("error: " + textwrap.fill(str(exc), width=100, subsequent_indent="  "), err=True)
+        _say("error: " + textwrap.fill(str(exc), width=100, subsequent_indent="  ",
+                                               break_long_words=False, break_on_hyphens=False), err=True)
         return 2
     except PermissionError as exc:
         _say(f"error: permission denied: {exc.filename}; check the file's permissions or choose another path", err=True)

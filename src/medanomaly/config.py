@@ -41,6 +41,7 @@ class TrainConfig:
     normalization: str = "auto"
     precision: str = "auto"  # bf16 autocast where the CPU/GPU supports it
     channels_last: bool = True
+    tta: bool = False  # predict also on the left-right flipped image and average (2x inference time)
     model: UNetConfig = field(default_factory=lambda: UNetConfig(width=32, depth=4, norm="batch"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)  # used by task "anomaly" only

@@ -146,10 +146,28 @@ def discover(root: str | Path) -> list[Sample]:
     out: list[Sample] = []
     _walk(root, root, out, set())
     if not out:
+        masks = _mask_files(root)
+        if masks:
+            raise MedanomalyError(
+                f"found {len(masks)} mask file(s) in {root} (e.g. {masks[0]}) but no image: each image must sit "
+                "beside its mask (X.png + X_mask.png) or in images/ next to masks/; add the images (see README, "
+                "'Data layouts')"
+            )
         raise MedanomalyError(
             f"no images found in {root}; supported files: {', '.join(IMAGE_SUFFIXES)} or DICOM series folders"
         )
     return sorted(out, key=lambda s: (s.case, _natural_key(s.image.relative_to(root).as_posix())))
+
+
+def _mask_files(root: Path, limit: int = 1000) -> list[Path]:
+    """Up to ``limit`` mask files below ``root`` (for the message when no image is found)."""
+    found = []
+    for p in sorted(root.rglob("*")):  # rglob does not follow symlinks to folders: no loops
+        if len(found) >= limit:
+            break
+        if p.is_file() and full_suffix(p) in IMAGE_SUFFIXES and is_mask_file(p):
+            found.append(p)
+    return found
 
 
 def _natural_key(text: str) -> list:

@@ -171,7 +171,11 @@ def _finish(acc: Accumulator, out: Path, extra: dict, history: list[dict] | None
     dice_of = {r["case"]: r["dice"] for r in rows}
     picks = select_gallery([(c, dice_of[c]) for c in acc.gallery])
     gallery = {name: [GalleryItem(c, *acc.gallery[c][1:], dice=dice_of[c]) for c in ids] for name, ids in picks.items()}
-    write_report(out, summary, rows, history=history, gallery=gallery, curves=curves(acc), title=title,
+    curve = curves(acc)
+    if curve:  # the operating point: the saved threshold and post-processing, pooled
+        curve["operating_point"] = {"fpr": 1 - summary["specificity"], "tpr": summary["sensitivity"],
+                                    "precision": summary["precision"], "recall": summary["sensitivity"]}
+    write_report(out, summary, rows, history=history, gallery=gallery, curves=curve, title=title,
                  synthetic=synthetic, notes=notes)
     return summary
 
@@ -196,10 +200,10 @@ def _predict_and_score(predictor, samples: list[Sample], data: Path, pred_dir: P
     acc = Accumulator()
     for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
         img = read_image(s.image)
+        truth = read_mask(s.mask, like=img)  # before writing anything for this sample
         pred = predictor.predict(img)
         if pred_dir is not None:
             write_prediction(pred, output_stem(pred_dir, data, s.image))
-        truth = read_mask(s.mask, like=img)
         acc.add(s.case, pred.mask, truth, pred.score, img.array if pred_dir is not None else None)
         if predictor.anomaly is not None:  # image-level detection, per 2D image (slice)
             per_slice = [(pred.score, truth)] if pred.score.ndim == 2 else list(zip(pred.score, truth))

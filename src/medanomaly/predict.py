@@ -54,19 +54,31 @@ def read_model_meta(model_dir: str | Path) -> dict:
 class Predictor:
     """A trained model with its preprocessing and post-processing, as saved by ``train``."""
 
-    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 16):
+    def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 16,
+                 runtime: str = "torch"):
         self.model_dir = Path(model_dir)
         self.meta = read_model_meta(self.model_dir)
         self.device = torch.device(device)
         self.batch_size = batch_size
         spec = self.meta["input"]
         self.size, self.channels, self.normalization = spec["size"], spec["channels"], spec["normalization"]
+        self.tta = bool(spec.get("tta", False))  # average with the left-right flipped prediction
         self.post = PostprocessParams.from_dict(self.meta["postprocess"])
         self.precision = choose_precision(self.meta.get("precision", "auto"), self.device)
         self.task = self.meta.get("task", "supervised")
         self.anomaly = AnomalyConfig(**self.meta["anomaly"]) if self.task == "anomaly" else None
         needs_net = self.anomaly is None or self.anomaly.method != "intensity"
         self.model = load_weights(self.model_dir, UNetConfig(**self.meta["model"]), self.device) if needs_net else None
+        if runtime not in ("torch", "onnx"):
+            raise MedanomalyError(f"unknown runtime {runtime!r}; valid: torch, onnx")
+        self.runtime = runtime
+        if runtime == "onnx" and self.model is not None:  # the 'intensity' method has no network to run
+            from medanomaly.export import load_session, onnx_forward
+
+            if self.device.type != "cpu":
+                raise MedanomalyError("--runtime onnx runs on the CPU; use --device cpu (or --runtime torch)")
+            self._forward = onnx_forward(load_session(self.model_dir / "model.onnx", self))  # type: ignore[method-assign]
+            self.precision = "fp32"
 
     def scores(self, image: Image) -> np.ndarray:
         """Probability map (float32, image.spatial_shape) for one image or volume (slice-wise)."""
@@ -80,11 +92,18 @@ class Predictor:
         with torch.inference_mode():
             for i in range(0, slices.shape[0], self.batch_size):
                 x = resize(slices[i:i + self.batch_size], (self.size, self.size))
-                score = self._anomaly_map(x) if self.anomaly else torch.sigmoid(self._forward(x).float())
+                score = self._anomaly_map(x) if self.anomaly else self._probability(x)
                 score = torch.nn.functional.interpolate(score, size=(h, w), mode="bilinear", align_corners=False)
                 out.append(score[:, 0].cpu())
         score = torch.cat(out).numpy().astype(np.float32)
         return score[0] if image.array.ndim == 3 else score
+
+    def _probability(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, C, S, S) -> (N, 1, S, S) lesion probability, averaged over a left-right flip if tta."""
+        prob = torch.sigmoid(self._forward(x).float())
+        if self.tta:
+            prob = 0.5 * (prob + torch.sigmoid(self._forward(x.flip(-1)).float()).flip(-1))
+        return prob
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.to(self.device)
@@ -147,7 +166,7 @@ def iter_inputs(inputs: list[str | Path]) -> Iterator[tuple[Path, Path]]:
 
 
 def _is_output(path: Path) -> bool:
-    return stem_of(path).endswith(("_pred", "_score", "_overlay"))
+    return stem_of(path).endswith(("_pred", "_score", "_overlay", "_seg"))
 
 
 def output_stem(out: Path, root: Path, path: Path) -> Path:
@@ -165,23 +184,33 @@ def check_output_dir(out: Path, inputs: list[str | Path]) -> None:
                                   "so inputs are never mixed with results")
 
 
-def write_prediction(pred: Prediction, stem: Path) -> dict:
-    """Write mask, score map and overlay for one prediction; return its regions record."""
+def write_prediction(pred: Prediction, stem: Path, dicom_seg: bool = False) -> dict:
+    """Write mask, score map and overlay for one prediction; return its regions record.
+
+    ``dicom_seg``: for a DICOM series folder, also ``stem_seg.dcm``, the mask as a DICOM SEG
+    referencing the series (it carries the patient/study identifiers the standard requires)."""
     from medanomaly.visualize import best_slice, overlay_rgb, save_png
 
     write_mask(pred.mask, pred.image, Path(f"{stem}_pred"))
     write_score(pred.score, pred.image, Path(f"{stem}_score"))
+    outputs = {}
+    if dicom_seg and pred.image.geometry.kind == "dicom" and pred.image.path.is_dir():
+        from medanomaly.dicomseg import write_dicom_seg
+
+        outputs["dicom_seg"] = write_dicom_seg(pred.mask, pred.image.path, Path(f"{stem}_seg.dcm"),
+                                               version=__version__).name
     img, score, mask = pred.image.array, pred.score, pred.mask
     if score.ndim == 3:
         k = best_slice(score, mask)
         img, score, mask = img[:, k], score[k], mask[k]
     save_png(overlay_rgb(img, score, mask), Path(f"{stem}_overlay.png"))
     g = pred.image.geometry
-    return {"regions": region_table(pred.mask, pred.score, g.spacing if g.spacing_known else None)}
+    return {"regions": region_table(pred.mask, pred.score, g.spacing if g.spacing_known else None), **outputs}
 
 
 def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Path, device: str = "cpu",
-                  overwrite: bool = False, progress: bool = True) -> dict:
+                  overwrite: bool = False, progress: bool = True, runtime: str = "torch",
+                  dicom_seg: bool = True) -> dict:
     """Predict every image below ``inputs`` into ``out``; keep going past bad files.
 
     Returns {"n_ok": int, "failed": [{"input": str, "error": str}], "out": str}.
@@ -191,20 +220,28 @@ def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Pa
     from medanomaly.atomic import atomic_write_text
 
     out = Path(out)
+    for given in map(Path, inputs):  # a missing input is reported as such, before anything else
+        if not given.exists():
+            raise MedanomalyError(f"input {given} does not exist")
     check_output_dir(out, inputs)
     if (out / "regions.json").exists() and not overwrite:
         raise MedanomalyError(f"{out} already holds predictions; pass --overwrite or choose another --out")
-    predictor = Predictor(model_dir, device)
+    items = list(iter_inputs(inputs))
+    if not items:
+        raise MedanomalyError(f"no images found in {', '.join(map(str, inputs))} (masks and earlier outputs are "
+                              f"skipped); supported files: {', '.join(IMAGE_SUFFIXES)} or DICOM series folders")
+    predictor = Predictor(model_dir, device, runtime=runtime)
     records, failed = [], []
-    for root, path in tqdm(list(iter_inputs(inputs)), desc="predict", unit="img", disable=not progress):
+    for root, path in tqdm(items, desc="predict", unit="img", disable=not progress):
         stem = output_stem(out, root, path)
         try:
-            rec = write_prediction(predictor.predict(read_image(path)), stem)
+            rec = write_prediction(predictor.predict(read_image(path)), stem, dicom_seg)
         except MedanomalyError as exc:
-            log.error("skipped %s: %s", path, exc)
+            log.info("skipped %s (reported at the end)", path.name)
             failed.append({"input": str(path), "error": str(exc)})
             continue
         records.append({"case": str(stem.relative_to(out)), **rec})
-    meta = {"medanomaly_version": __version__, "model": str(model_dir), "threshold": predictor.post.threshold}
+    meta = {"medanomaly_version": __version__, "model": str(model_dir), "runtime": runtime,
+            "threshold": predictor.post.threshold}
     atomic_write_text(out / "regions.json", json.dumps({**meta, "images": records, "failed": failed}, indent=1))
     return {"n_ok": len(records), "failed": failed, "out": str(out)}

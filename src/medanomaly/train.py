@@ -235,6 +235,8 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     log.info("training on %d slices (%d val), %s, precision %s, budget %.1f min",
              len(train_set), len(val_set), device, precision, cfg.max_minutes)
     for epoch in range(state.epoch + 1, cfg.epochs):
+        if state.elapsed >= budget or state.bad_epochs >= cfg.patience:  # resumed after the end
+            break
         t0 = time.perf_counter()
         train_loss, lr = _run_epoch(model, opt, train_set, cfg, gen, state, budget, dev, precision, loss_fn, progress)
         if cfg.task == "anomaly":
