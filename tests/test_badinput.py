@@ -529,7 +529,9 @@ def _deny(monkeypatch: pytest.MonkeyPatch, target: Path) -> None:
             raise PermissionError(13, "Permission denied", str(file))
         return builtins.open(file, *args, **kwargs)
 
-    monkeypatch.setattr(mio, "open", fake_open, raising=False)
+    for name, module in list(sys.modules.items()):  # medanomaly.io and its modules: open() is called in several
+        if name == "medanomaly.io" or name.startswith("medanomaly.io."):
+            monkeypatch.setattr(module, "open", fake_open, raising=False)
 
 
 @pytest.mark.parametrize("kind", list(PREDICT_CASES))

@@ -34,7 +34,7 @@ import pydicom
 
 from medanomaly.atomic import atomic_path
 from medanomaly.errors import MedanomalyError
-from medanomaly.io import _library_notes, _series_files  # read_image's slices and its warning capture
+from medanomaly.io import library_notes, series_files  # read_image's slices and its warning capture
 
 SERIES_DESCRIPTION = "medanomaly lesion mask"
 
@@ -91,8 +91,8 @@ def sorted_series_datasets(series_dir: str | Path) -> list[pydicom.Dataset]:
         raise MedanomalyError(f"{folder} is not a folder; give the DICOM series folder the mask was predicted on")
     notes: list[str] = []
     try:
-        with _library_notes(notes):  # pydicom's complaints: logged once, not as raw warnings
-            datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in _series_files(folder)]
+        with library_notes(notes):  # pydicom's complaints: logged once, not as raw warnings
+            datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in series_files(folder)]
     except Exception as exc:  # noqa: BLE001 - library errors become one user-facing error
         raise MedanomalyError(f"cannot read the DICOM series {folder} ({type(exc).__name__}: {exc})") from exc
     for note in dict.fromkeys(notes):
@@ -191,7 +191,7 @@ def write_dicom_seg(mask: np.ndarray, series_dir: Path, out_path: Path, *, label
     notes: list[str] = []
     try:
         # pydicom validates values lazily, on access: keep its complaints in notes, logged once
-        with _library_notes(notes):
+        with library_notes(notes):
             _write(series_dir, out_path, np.asarray(mask) != 0, label=label, algorithm=algorithm, version=version)
     except MedanomalyError:
         raise
