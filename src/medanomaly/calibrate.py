@@ -128,7 +128,8 @@ def calibrate_and_save(out: Path, model: torch.nn.Module | None, cfg: TrainConfi
                        "mean_case_dice_at_0.5": next(t["mean_case_dice"] for t in trials
                                                      if t["threshold"] == 0.5 and t["min_size"] == 0),
                        "trials": len(trials)}
-    log.info("post-processing chosen on val: %s (%s)", best.to_dict(), calibration)
+    log.info("post-processing chosen on val: %s (%s)", best.to_dict(),
+             {k: v for k, v in calibration.items() if k not in ("map_selection", "trials")})
     atomic_write_text(out / "model.json", json.dumps(model_meta(cfg, in_channels, best, {
         "training": training, "calibration": calibration}), indent=2))
     return best
