@@ -1,6 +1,7 @@
 """Speed on this machine: training and inference images/s of medanomaly's U-Net and MONAI's
-BasicUNet at the same base width and input size, measured in the same run; achieved GFLOP/s
-against a large matmul and a bf16 convolution; the cost of augmentation.
+BasicUNet at the same base width and input size, measured in the same run; inference of the same
+network exported to ONNX and run by ONNX Runtime; achieved GFLOP/s against a large matmul and a
+bf16 convolution; the cost of augmentation.
 
     python bench/speed.py [--size 128] [--batch 16] [--width 32] [--steps 10]
 
@@ -96,6 +97,26 @@ def peaks(args) -> dict:
     return out
 
 
+def onnx_infer_img_s(model: torch.nn.Module, args) -> float:
+    """Inference images/s of the same network exported to ONNX (fp32) and run by ONNX Runtime."""
+    import tempfile
+    import warnings
+
+    import onnxruntime as ort
+
+    x = torch.rand(args.batch, 1, args.size, args.size)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        path = f"{tmp}/m.onnx"
+        torch.onnx.export(model.eval(), (x,), path, input_names=["image"], output_names=["logits"],
+                          dynamic_axes={"image": {0: "N"}}, opset_version=17, dynamo=False)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = torch.get_num_threads()
+        sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        feed = {"image": x.numpy()}
+        return args.batch / time_it(lambda: sess.run(None, feed), args.steps)
+
+
 def augment_cost(args) -> float:
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(args.batch, 1, args.size, args.size)
@@ -124,6 +145,7 @@ def main() -> int:
         bench_model(f"MONAI BasicUNet w{w}", BasicUNet(2, 1, 1, features=(w, w, 2 * w, 4 * w, 8 * w, w)),
                     args, bf16, True),
     ]
+    onnx_rate = onnx_infer_img_s(UNet(UNetConfig(width=w)), args)
     pk = peaks(args)
     aug = augment_cost(args)
     print(f"input {args.size}x{args.size}, batch {args.batch}, {torch.get_num_threads()} threads, "
@@ -133,6 +155,8 @@ def main() -> int:
     for r in rows:
         print(f"| {r['model']} | {r['precision']} | {r['channels_last']} | {r['train_img_s']:.1f} | {r['infer_img_s']:.1f} "
               f"| {r['train_gflop_s']:.0f} | {100 * r['train_gflop_s'] / pk['conv_bf16']:.0f}% | {r['params_M']:.2f} |")
+    print(f"| medanomaly UNet w{w}, ONNX Runtime | fp32 | False | - | {onnx_rate:.1f} | - | - | "
+          f"{rows[0]['params_M']:.2f} |")
     print()
     print("| peak | GFLOP/s |\n|---|---|")
     for k, v in pk.items():

@@ -254,8 +254,10 @@ def _history_png(history: list[dict] | None) -> str:
     scores = [k for k in cols if any(t in k.lower() for t in ("dice", "iou", "auroc", "auprc", "f1"))]
     if not losses and not scores:
         return ""
-    fig = Figure(figsize=(8, 3.4), dpi=100, layout="constrained")
-    for ax, names, title in zip(fig.subplots(1, 2), (losses, scores), ("Loss", "Validation metrics")):
+    panels = [(names, title) for names, title in ((losses, "Loss"), (scores, "Validation metrics")) if names]
+    fig = Figure(figsize=(4 * len(panels), 3.4), dpi=100, layout="constrained")
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (names, title) in zip(axes, panels):
         for k in names:
             ax.plot(epochs, cols[k], marker="o" if len(epochs) < 30 else None, ms=3, label=k)
         ax.set(xlabel="epoch", title=title)
