@@ -10,15 +10,6 @@ from medanomaly.augment import AugmentConfig, augment_batch
 NO_INTENSITY = dict(p_gamma=0.0, p_contrast=0.0, p_noise=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a busy 2-core machine: one intra-op thread avoids costly oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

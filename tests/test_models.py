@@ -10,16 +10,6 @@ from medanomaly.models import NORMS, UNet, UNetConfig, build_model, count_parame
 WIDTH = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors on a busy 2-core machine: one intra-op thread avoids costly oversubscription."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-
 def _grid_2d():
     for size in [(16, 16), (17, 23), (32, 48)]:
         for depth in (1, 2, 3, 4):
