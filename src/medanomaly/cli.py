@@ -106,12 +106,27 @@ def _add_demo(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="a local web viewer: upload an image, see its heat map, mask and regions",
+                       description="Start a local web app for one model: upload an image (PNG, JPEG, TIFF, NIfTI, a "
+                                   "DICOM file or a zipped DICOM series), see it with the heat map overlaid, move the "
+                                   "threshold, scroll through slices and download the mask. Uploads are deleted once "
+                                   "analysed; score maps stay in memory for the last 8 uploads.")
+    p.add_argument("model", type=Path, help="model directory written by 'medanomaly train'")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only). Anything else exposes the "
+                        "viewer, without login or encryption, to the network")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-upload-mb", type=float, default=200, help="largest upload accepted, in MB (default 200)")
+    p.add_argument("--device", default="auto")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medanomaly", description="Find abnormal regions in medical images.")
     parser.add_argument("--version", action="version", version=f"medanomaly {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_predict, _add_evaluate, _add_demo, _add_export):
+    for add in (_add_train, _add_predict, _add_evaluate, _add_demo, _add_export, _add_serve):
         add(sub)
     return parser
 
@@ -190,6 +205,19 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from medanomaly.runtime import resolve_device
+
+    try:
+        from medanomaly.serve import run
+    except ImportError as exc:
+        raise MedanomalyError(f"the web viewer needs fastapi, uvicorn and python-multipart ({exc}); install them with "
+                              "'pip install -r requirements.lock' or 'pip install fastapi uvicorn python-multipart'") from exc
+    run(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+        device=str(resolve_device(args.device)), quiet=args.quiet)
+    return 0
+
+
 def _say(text: str, err: bool = False) -> None:
     print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
@@ -199,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "demo": cmd_demo,
-                "export": cmd_export}
+                "export": cmd_export, "serve": cmd_serve}
     try:
         return commands[args.command](args)
     except MedanomalyError as exc:

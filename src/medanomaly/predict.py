@@ -46,9 +46,26 @@ def read_model_meta(model_dir: str | Path) -> dict:
         meta = json.loads(path.read_text())
     except ValueError as exc:
         raise MedanomalyError(f"{path} is not valid JSON ({exc}); the model directory is damaged: retrain") from exc
-    if meta.get("format") != "medanomaly-model":
-        raise MedanomalyError(f"{path} is not a medanomaly model file (format {meta.get('format')!r})")
+    if not isinstance(meta, dict) or meta.get("format") != "medanomaly-model":
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise MedanomalyError(f"{path} is not a medanomaly model file (format {found!r}, expected "
+                              "'medanomaly-model'); pass the --out folder of 'medanomaly train'")
     return meta
+
+
+def _check_spec(meta: dict) -> None:
+    """model.json must agree with itself: the input channels are those of the network (an edited or
+    mixed-up file would otherwise fail later, image by image, with a misleading message)."""
+    spec, net, task = meta["input"], meta["model"], meta.get("task", "supervised")
+    if task not in ("supervised", "anomaly"):
+        raise ValueError(f"task {task!r} is not 'supervised' or 'anomaly'")
+    if meta.get("anomaly", {}).get("method") == "intensity":  # no network: its 'model' section is unused
+        return
+    if spec["channels"] != net["in_channels"]:
+        raise ValueError(f"input.channels is {spec['channels']} but model.in_channels is {net['in_channels']}")
+    expected_out = net["in_channels"] if task == "anomaly" else 1
+    if net["out_channels"] != expected_out:
+        raise ValueError(f"model.out_channels is {net['out_channels']}; a {task} model has {expected_out}")
 
 
 class Predictor:
@@ -60,15 +77,22 @@ class Predictor:
         self.meta = read_model_meta(self.model_dir)
         self.device = torch.device(device)
         self.batch_size = batch_size
-        spec = self.meta["input"]
-        self.size, self.channels, self.normalization = spec["size"], spec["channels"], spec["normalization"]
-        self.tta = bool(spec.get("tta", False))  # average with the left-right flipped prediction
-        self.post = PostprocessParams.from_dict(self.meta["postprocess"])
-        self.precision = choose_precision(self.meta.get("precision", "auto"), self.device)
-        self.task = self.meta.get("task", "supervised")
-        self.anomaly = AnomalyConfig(**self.meta["anomaly"]) if self.task == "anomaly" else None
+        try:  # a damaged or hand-edited model.json: one clear error, not a KeyError or TypeError
+            _check_spec(self.meta)
+            spec = self.meta["input"]
+            self.size, self.channels, self.normalization = spec["size"], spec["channels"], spec["normalization"]
+            self.tta = bool(spec.get("tta", False))  # average with the left-right flipped prediction
+            self.post = PostprocessParams.from_dict(self.meta["postprocess"])
+            self.precision = choose_precision(self.meta.get("precision", "auto"), self.device)
+            self.task = self.meta.get("task", "supervised")
+            self.anomaly = AnomalyConfig(**self.meta["anomaly"]) if self.task == "anomaly" else None
+            net_cfg = UNetConfig(**self.meta["model"])
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            what = f"missing entry {exc}" if isinstance(exc, KeyError) else str(exc)
+            raise MedanomalyError(f"{self.model_dir / 'model.json'} is damaged or was edited ({what}); restore it "
+                                  "from the training run or retrain") from exc
         needs_net = self.anomaly is None or self.anomaly.method != "intensity"
-        self.model = load_weights(self.model_dir, UNetConfig(**self.meta["model"]), self.device) if needs_net else None
+        self.model = load_weights(self.model_dir, net_cfg, self.device) if needs_net else None
         if runtime not in ("torch", "onnx"):
             raise MedanomalyError(f"unknown runtime {runtime!r}; valid: torch, onnx")
         self.runtime = runtime
@@ -134,17 +158,40 @@ def _grey(image: Image) -> np.ndarray:
 
 def load_weights(model_dir: Path, cfg: UNetConfig, device: torch.device) -> UNet:
     """Build the network and load model.pt without unpickling code (weights_only=True)."""
+    import pickle
+    import re
+    import warnings
+
     path = model_dir / "model.pt"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model = UNet(cfg)
-        model.load_state_dict(state)
+        with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError as exc:
         raise MedanomalyError(f"{path} is missing; the model directory is incomplete: retrain") from exc
-    except Exception as exc:  # truncated, tampered or foreign weights
-        raise MedanomalyError(f"cannot load weights {path}: {exc}; the file is damaged or from another model") from exc
+    except pickle.UnpicklingError as exc:  # code or objects other than tensors: refused, nothing ran
+        found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(exc))
+        raise MedanomalyError(f"refused to load {path}: it is not a plain weights file ("
+                              f"{found.group(0) if found else 'it holds objects other than tensors'}); it was not "
+                              "executed. Use the model.pt written by 'medanomaly train' (restore it or retrain)") from exc
+    except Exception as exc:  # truncated or not a PyTorch file at all
+        raise MedanomalyError(f"cannot read weights {path} ({type(exc).__name__}: {_first_line(exc)}); the file is "
+                              "truncated or damaged: restore it or retrain") from exc
+    try:
+        model = UNet(cfg)
+        model.load_state_dict(state)
+    except Exception as exc:  # weights of another architecture, or not a state dict
+        raise MedanomalyError(f"the weights {path} do not fit the network described in {model_dir / 'model.json'} "
+                              f"({_first_line(exc, skip='Error(s) in loading')}); the two files come from different "
+                              "models: restore the pair from one training run or retrain") from exc
     model = model.to(device).eval()
     return model.to(memory_format=torch.channels_last) if cfg.dim == 2 else model
+
+
+def _first_line(exc: Exception, skip: str = "") -> str:
+    """The first informative line of an exception message (torch's are long and multi-line)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and not (skip and ln.strip().startswith(skip))]
+    return (lines[0] if lines else repr(exc))[:300]
 
 
 def iter_inputs(inputs: list[str | Path]) -> Iterator[tuple[Path, Path]]:

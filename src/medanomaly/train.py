@@ -156,10 +156,30 @@ def _resume(path: Path, model, opt, gen: torch.Generator, metrics_csv: Path) -> 
     state = RunState(**{k: st[k] for k in asdict(RunState())})
     if metrics_csv.exists():  # drop rows of an epoch that finished after the last checkpoint
         lines = metrics_csv.read_text().splitlines(keepends=True)
-        kept = [lines[0]] + [ln for ln in lines[1:] if int(ln.split(",")[0]) <= state.epoch]
-        atomic_write_text(metrics_csv, "".join(kept))
+        kept = [ln for ln in lines[1:] if _complete_row(ln) and int(ln.split(",")[0]) <= state.epoch]
+        if lines and lines[0].rstrip("\r\n") == ",".join(METRIC_FIELDS):
+            atomic_write_text(metrics_csv, "".join([lines[0], *kept]))
+        else:  # cut off while its header was being written: _append_metrics starts it again
+            metrics_csv.unlink()
     log.info("resuming after epoch %d (best val score %.4f at epoch %d)", state.epoch, state.best, state.best_epoch)
     return state
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    """Delete the ``.tmp-*`` files that a killed run left in ``out`` (an atomic write interrupted
+    before its ``os.replace``: never a complete output, see :mod:`medanomaly.atomic`)."""
+    if not out.is_dir():
+        return
+    for tmp in out.glob(".tmp-*"):
+        if tmp.is_file() and not tmp.is_symlink():
+            log.info("removing %s, left by an interrupted write", tmp.name)
+            tmp.unlink(missing_ok=True)
+
+
+def _complete_row(line: str) -> bool:
+    """A metrics.csv row written in full (a kill during the append can leave a cut-off last line)."""
+    fields = line.rstrip("\r\n").split(",")
+    return line.endswith("\n") and len(fields) == len(METRIC_FIELDS) and fields[0].isdigit()
 
 
 def normal_only(slices: SliceSet, data: Path, split: str) -> SliceSet:
@@ -216,6 +236,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
         raise MedanomalyError(f"--resume: no checkpoint.pt in {out}; run without --resume to start")
     if not resume and (out / "model.json").exists():
         raise MedanomalyError(f"{out} already holds a trained model; pass --resume to continue or choose a new --out")
+    _remove_stale_temp_files(out)
     train_set, val_set, _ = prepare(data, out, cfg, splits_file, progress)
     in_ch = train_set.images.shape[1]
     if cfg.task == "anomaly" and cfg.anomaly.method == "intensity":  # a baseline: nothing to train
@@ -230,7 +251,11 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     opt = make_optimizer(model, cfg)
     loss_fn = get_loss(cfg.loss, cfg.bce_weight)
     precision = choose_precision(cfg.precision, dev)
-    state = _resume(ckpt_path, model, opt, gen, out / "metrics.csv") if resume else RunState()
+    if resume:
+        state = _resume(ckpt_path, model, opt, gen, out / "metrics.csv")
+    else:  # a fresh start in the folder of an interrupted run: its rows are not this run's history
+        state = RunState()
+        (out / "metrics.csv").unlink(missing_ok=True)
     budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
     log.info("training on %d slices (%d val), %s, precision %s, budget %.1f min",
              len(train_set), len(val_set), device, precision, cfg.max_minutes)
