@@ -214,7 +214,7 @@ def cmd_serve(args) -> int:
         raise MedanomalyError(f"the web viewer needs fastapi, uvicorn and python-multipart ({exc}); install them with "
                               "'pip install -r requirements.lock' or 'pip install fastapi uvicorn python-multipart'") from exc
     run(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-        device=str(resolve_device(args.device)), quiet=args.quiet)
+        device=str(resolve_device(args.device)), quiet=args.quiet, say=_say)
     return 0
 
 
