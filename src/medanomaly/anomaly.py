@@ -41,6 +41,7 @@ class AnomalyConfig:
     erode: int = 3  # foreground erosion, so the body outline does not light up
     median_size: int = 5  # median filter of the residual map
     select_map_on_val: bool = True  # choose residual, erode and median_size by val AUPRC where val has lesions
+    normal_only: bool = True  # False (pretrain): learn from every image, masks ignored
     image_quantile: float = 0.995  # image-level score: this quantile of the map inside the foreground
     target_fpr: float = 0.01  # label-free threshold: this fraction of normal foreground pixels above it
 

@@ -51,8 +51,28 @@ def _add_train(sub) -> None:
     p.add_argument("--noise-std", type=float, help="anomaly: noise strength, normalised intensity units (default 0.2)")
     p.add_argument("--target-fpr", type=float,
                    help="anomaly: label-free threshold at this pixel false-positive rate on normal val images (default 0.01)")
+    p.add_argument("--init", help="start from local weights: a medanomaly model directory (e.g. from 'pretrain') "
+                                   "or a .pt state dict; matching tensors are loaded, the others listed")
+    p.add_argument("--freeze-encoder-epochs", type=int, help="with --init: train only the decoder at first")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+
+
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help="self-supervised pretraining on images alone (masks ignored)",
+                       description="Learn from images alone with the coarse-noise denoising objective (masks, if "
+                                   "present, are ignored). Writes a model directory that 'train --init' takes.")
+    p.add_argument("data", type=Path, help="folder of images (masks, if any, are ignored)")
+    p.add_argument("--out", type=Path, required=True, help="model directory to write")
+    p.add_argument("--splits", type=Path, help="split file (default: DATA/splits.json, else a seeded split by case)")
+    p.add_argument("--size", type=int)
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-minutes", type=float)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--depth", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
 
 
 def _add_predict(sub) -> None:
@@ -126,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"medanomaly {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_predict, _add_evaluate, _add_demo, _add_export, _add_serve):
+    for add in (_add_train, _add_pretrain, _add_predict, _add_evaluate, _add_demo, _add_export, _add_serve):
         add(sub)
     return parser
 
@@ -142,7 +162,8 @@ def cmd_train(args) -> int:
                  "model.width": args.width, "model.depth": args.depth, "model.norm": args.norm,
                  "augment.enabled": False if args.no_augment else None, "task": args.task, "tta": args.tta,
                  "anomaly.method": args.method, "anomaly.noise_res": args.noise_res,
-                 "anomaly.noise_std": args.noise_std, "anomaly.target_fpr": args.target_fpr}
+                 "anomaly.noise_std": args.noise_std, "anomaly.target_fpr": args.target_fpr,
+                 "init": str(args.init) if args.init else None, "freeze_encoder_epochs": args.freeze_encoder_epochs}
     if args.resume and (args.out / "config.json").is_file() and args.config is None:
         args.config = args.out / "config.json"  # resume with the run's own configuration
         saved = json.loads(args.config.read_text()).get("task", "supervised")
@@ -154,6 +175,21 @@ def cmd_train(args) -> int:
                 progress=not args.quiet)
     _say(f"model written to {res.out_dir} (best epoch {res.best_epoch}, val score {res.best_val_score:.4f}, "
          f"{res.seconds / 60:.1f} min)")
+    return 0
+
+
+def cmd_pretrain(args) -> int:
+    from medanomaly import config
+    from medanomaly.runtime import resolve_device
+    from medanomaly.train import train
+
+    cfg = config.load(None, {"task": "anomaly", "anomaly.method": "denoise", "anomaly.normal_only": False,
+                             "size": args.size, "epochs": args.epochs, "max_minutes": args.max_minutes,
+                             "batch_size": args.batch_size, "model.width": args.width, "model.depth": args.depth,
+                             "seed": args.seed})
+    res = train(args.data, args.out, cfg, args.splits, device=str(resolve_device(args.device)), progress=not args.quiet)
+    _say(f"pretrained model written to {res.out_dir} ({res.seconds / 60:.1f} min); use it with "
+         f"'medanomaly train DATA --init {res.out_dir}'")
     return 0
 
 
@@ -226,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    commands = {"train": cmd_train, "predict": cmd_predict, "evaluate": cmd_evaluate, "demo": cmd_demo,
+    commands = {"train": cmd_train, "pretrain": cmd_pretrain, "predict": cmd_predict, "evaluate": cmd_evaluate, "demo": cmd_demo,
                 "export": cmd_export, "serve": cmd_serve}
     try:
         return commands[args.command](args)

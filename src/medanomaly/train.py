@@ -24,6 +24,7 @@ from medanomaly.augment import augment_batch
 from medanomaly.config import TrainConfig
 from medanomaly.data import SliceSet, discover, load_slices, resolve_splits
 from medanomaly.errors import MedanomalyError
+from medanomaly.init import load_matching, read_state_dict, set_encoder_trainable
 from medanomaly.losses import get_loss
 from medanomaly.models import UNet, build_model
 from medanomaly.runtime import autocast, choose_precision, set_seed
@@ -207,7 +208,7 @@ def prepare(data: Path, out: Path, cfg: TrainConfig, splits_file, progress: bool
     if not parts["train"] or not parts["val"]:
         raise MedanomalyError(f"the split leaves {len(parts['train'])} training and {len(parts['val'])} validation "
                               f"images in {data}; at least one of each is needed (add cases or fix --splits)")
-    with_masks = True if cfg.task == "supervised" else None
+    with_masks = True if cfg.task == "supervised" else (None if cfg.anomaly.normal_only else False)
     train = load_slices(parts["train"], cfg.size, cfg.normalization, with_masks, progress=progress)
     val = load_slices(parts["val"], cfg.size, cfg.normalization, with_masks, progress=progress)
     if cfg.task == "anomaly":
@@ -237,6 +238,8 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     if not resume and (out / "model.json").exists():
         raise MedanomalyError(f"{out} already holds a trained model; pass --resume to continue or choose a new --out")
     _remove_stale_temp_files(out)
+    if cfg.init and not resume:
+        read_state_dict(cfg.init)  # a bad --init fails before minutes of data loading
     train_set, val_set, _ = prepare(data, out, cfg, splits_file, progress)
     in_ch = train_set.images.shape[1]
     if cfg.task == "anomaly" and cfg.anomaly.method == "intensity":  # a baseline: nothing to train
@@ -248,6 +251,9 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     model = build_model(replace(cfg.model, in_channels=in_ch, out_channels=out_ch)).to(dev)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.init and not resume:
+        _check_init_channels(cfg.init, in_ch)
+        load_matching(model, cfg.init)
     opt = make_optimizer(model, cfg)
     loss_fn = get_loss(cfg.loss, cfg.bce_weight)
     precision = choose_precision(cfg.precision, dev)
@@ -262,6 +268,8 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     for epoch in range(state.epoch + 1, cfg.epochs):
         if state.elapsed >= budget or state.bad_epochs >= cfg.patience:  # resumed after the end
             break
+        if cfg.freeze_encoder_epochs > 0:  # a pretrained encoder first adapts its decoder, then all
+            set_encoder_trainable(model, epoch >= cfg.freeze_encoder_epochs)
         t0 = time.perf_counter()
         train_loss, lr = _run_epoch(model, opt, train_set, cfg, gen, state, budget, dev, precision, loss_fn, progress)
         if cfg.task == "anomaly":
@@ -351,3 +359,14 @@ def fit_intensity_baseline(model_dir: Path, data: Path, out: Path, device: str =
     in_ch = json.loads((model_dir / "model.json").read_text())["input"]["channels"]
     calibrate_and_save(out, None, cfg, data, in_ch, -1, float("nan"), device=torch.device(device), progress=progress)
     return out
+
+
+def _check_init_channels(init: str, in_channels: int) -> None:
+    """A model directory given to --init must have been trained on images of the same channels."""
+    meta_path = Path(init) / "model.json"
+    if not meta_path.is_file():
+        return
+    theirs = json.loads(meta_path.read_text()).get("input", {}).get("channels")
+    if theirs is not None and theirs != in_channels:
+        raise MedanomalyError(f"--init {init} was trained on {theirs}-channel images but these have {in_channels}; "
+                              "use a model of the same modality/channels")
