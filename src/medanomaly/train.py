@@ -1,4 +1,5 @@
-"""Supervised training loop: seeded, time-budgeted, validated every epoch, resumable.
+"""The training loop of both tasks (supervised segmentation, anomaly denoising): seeded,
+time-budgeted, validated every epoch, resumable.
 
 A model directory holds ``model.pt`` (best weights, a plain state dict), ``model.json``
 (architecture, preprocessing, post-processing chosen on validation, version), ``config.json``,
@@ -26,6 +27,7 @@ from medanomaly.data import SliceSet, discover, load_slices, resolve_splits
 from medanomaly.errors import MedanomalyError
 from medanomaly.init import load_matching, read_state_dict, set_encoder_trainable
 from medanomaly.losses import get_loss
+from medanomaly.metrics import Stats, dice
 from medanomaly.models import UNet, build_model
 from medanomaly.runtime import autocast, choose_precision, set_seed
 
@@ -93,7 +95,7 @@ def validate_anomaly(model: UNet, val: SliceSet, cfg: TrainConfig, precision: st
 def validate(model: UNet, val: SliceSet, loss_fn, precision: str, device: torch.device, batch: int = 32) -> tuple[float, float]:
     """(mean loss, mean per-case Dice at probability 0.5) on the validation slices."""
     model.eval()
-    stats: dict[str, np.ndarray] = {}
+    stats: dict[str, Stats] = {}
     losses = []
     for i in range(0, len(val), batch):
         x = val.images[i:i + batch].to(device).float()
@@ -104,9 +106,9 @@ def validate(model: UNet, val: SliceSet, loss_fn, precision: str, device: torch.
         pred = (logits.float() > 0).flatten(1)
         truth = y.bool().flatten(1)
         tp, fp, fn = (pred & truth).sum(1), (pred & ~truth).sum(1), (~pred & truth).sum(1)
-        for j, case in enumerate(val.cases[i:i + batch]):
-            stats[case] = stats.get(case, np.zeros(3)) + [int(tp[j]), int(fp[j]), int(fn[j])]
-    dices = [1.0 if (s[0] + s[1] + s[2]) == 0 else 2 * s[0] / (2 * s[0] + s[1] + s[2]) for s in stats.values()]
+        for j, case in enumerate(val.cases[i:i + batch]):  # counted on the tensors: no per-slice numpy copies
+            stats[case] = stats.get(case, Stats(0, 0, 0, 0)) + Stats(int(tp[j]), int(fp[j]), int(fn[j]), 0)
+    dices = [dice(s) for s in stats.values()]
     return sum(losses) / max(1, len(val)), float(np.mean(dices)) if dices else float("nan")
 
 
