@@ -44,6 +44,7 @@ class TrainConfig:
     tta: bool = False  # predict also on the left-right flipped image and average (2x inference time)
     init: str | None = None  # start from these weights: a model directory or a .pt state dict
     freeze_encoder_epochs: int = 0  # with init: train only the decoder for this many epochs
+    synthetic_lesions: float = 0.0  # probability that a lesion-free training sample gets a synthetic lesion
     model: UNetConfig = field(default_factory=lambda: UNetConfig(width=32, depth=4, norm="batch"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)  # used by task "anomaly" only

@@ -265,6 +265,12 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
         state = RunState()
         (out / "metrics.csv").unlink(missing_ok=True)
     budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
+    lesion_stats = None
+    if cfg.task == "supervised" and cfg.synthetic_lesions > 0:  # intensities of the real training lesions
+        from medanomaly.synthetic import LesionStats
+
+        lesion_stats = LesionStats.from_slices(train_set.images, train_set.masks)
+        log.info("synthetic lesions with p=%.2f, intensity from real lesions: %s", cfg.synthetic_lesions, lesion_stats)
     log.info("training on %d slices (%d val), %s, precision %s, budget %.1f min",
              len(train_set), len(val_set), device, precision, cfg.max_minutes)
     for epoch in range(state.epoch + 1, cfg.epochs):
@@ -273,7 +279,8 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
         if cfg.freeze_encoder_epochs > 0:  # a pretrained encoder first adapts its decoder, then all
             set_encoder_trainable(model, epoch >= cfg.freeze_encoder_epochs)
         t0 = time.perf_counter()
-        train_loss, lr = _run_epoch(model, opt, train_set, cfg, gen, state, budget, dev, precision, loss_fn, progress)
+        train_loss, lr = _run_epoch(model, opt, train_set, cfg, gen, state, budget, dev, precision, loss_fn, progress,
+                                    lesion_stats)
         if cfg.task == "anomaly":
             val_loss, val_score = validate_anomaly(model, val_set, cfg, precision, dev)
         else:
@@ -305,7 +312,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
 
 
 def _step_loss(model, images: torch.Tensor, masks: torch.Tensor, cfg: TrainConfig, gen: torch.Generator,
-               dev: torch.device, precision: str, loss_fn) -> torch.Tensor:
+               dev: torch.device, precision: str, loss_fn, lesion_stats=None) -> torch.Tensor:
     """Loss of one batch: segmentation loss on logits, or (anomaly) the denoising loss, where
     ``masks`` are foreground masks and intensity augmentation is off (it would redefine normal)."""
     if cfg.task == "anomaly":
@@ -314,6 +321,10 @@ def _step_loss(model, images: torch.Tensor, masks: torch.Tensor, cfg: TrainConfi
         aug = replace(cfg.augment, p_gamma=0.0, p_contrast=0.0, p_noise=0.0)
         x, fg = augment_batch(images, masks, aug, gen)
         return denoise_loss(model, x.to(dev), fg.to(dev), cfg.anomaly, gen, autocast(dev, precision))
+    if cfg.synthetic_lesions > 0 and lesion_stats is not None:
+        from medanomaly.synthetic import add_synthetic_lesions
+
+        images, masks = add_synthetic_lesions(images, masks, cfg.synthetic_lesions, lesion_stats, gen)
     x, y = augment_batch(images, masks, cfg.augment, gen)
     x, y = _layout(x.to(dev), model), y.to(dev)
     with autocast(dev, precision):
@@ -322,7 +333,8 @@ def _step_loss(model, images: torch.Tensor, masks: torch.Tensor, cfg: TrainConfi
 
 
 def _run_epoch(model, opt, train_set: SliceSet, cfg: TrainConfig, gen: torch.Generator, state: RunState,
-               budget: float, dev: torch.device, precision: str, loss_fn, progress: bool) -> tuple[float, float]:
+               budget: float, dev: torch.device, precision: str, loss_fn, progress: bool,
+               lesion_stats=None) -> tuple[float, float]:
     """One pass over the training slices; returns (mean loss, last learning rate)."""
     from tqdm import tqdm
 
@@ -339,7 +351,7 @@ def _run_epoch(model, opt, train_set: SliceSet, cfg: TrainConfig, gen: torch.Gen
         for group in opt.param_groups:
             group["lr"] = lr
         loss = _step_loss(model, train_set.images[idx].float(), train_set.masks[idx].float(), cfg, gen, dev,
-                          precision, loss_fn)
+                          precision, loss_fn, lesion_stats)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
