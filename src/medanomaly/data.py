@@ -243,9 +243,9 @@ def normalize(array: np.ndarray, mode: str = "auto", kind: str = "raster", dtype
     return a
 
 
-def to_slices(image: Image) -> np.ndarray:
-    """(C, H, W) -> (1, C, H, W); (C, Z, Y, X) -> (Z, C, Y, X): a stack of 2D slices."""
-    a = image.array
+def to_slices(image: Image | np.ndarray) -> np.ndarray:
+    """(C, H, W) -> (1, C, H, W); (C, Z, Y, X) -> (Z, C, Y, X): a stack of 2D slices (a view)."""
+    a = image.array if isinstance(image, Image) else image
     return a[None] if a.ndim == 3 else np.moveaxis(a, 1, 0)
 
 

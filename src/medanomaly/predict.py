@@ -19,7 +19,7 @@ import torch
 
 from medanomaly import __version__
 from medanomaly.anomaly import AnomalyConfig, residual_map
-from medanomaly.data import is_mask_file, normalize, resize
+from medanomaly.data import is_mask_file, normalize, resize, to_slices
 from medanomaly.errors import MedanomalyError
 from medanomaly.io import IMAGE_SUFFIXES, Image, full_suffix, is_dicom_series_dir, read_image, stem_of, write_mask, write_score
 from medanomaly.models import UNet, UNetConfig
@@ -110,7 +110,7 @@ class Predictor:
             raise MedanomalyError(f"{image.path} has {image.channels} channels but the model was trained on "
                                   f"{self.channels}-channel images; convert the image or use a matching model")
         a = normalize(image.array, self.normalization, image.geometry.kind, image.geometry.meta.get("dtype"))
-        slices = torch.from_numpy(to_slices_array(a))
+        slices = torch.from_numpy(np.ascontiguousarray(to_slices(a)))
         h, w = slices.shape[-2:]
         out = []
         with torch.inference_mode():
@@ -146,10 +146,6 @@ class Predictor:
     def predict(self, image: Image) -> Prediction:
         score = self.scores(image)
         return Prediction(image, score, apply(score, self.post, image=_grey(image)))
-
-
-def to_slices_array(a: np.ndarray) -> np.ndarray:
-    return a[None] if a.ndim == 3 else np.moveaxis(a, 1, 0)
 
 
 def _grey(image: Image) -> np.ndarray:
