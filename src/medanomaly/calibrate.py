@@ -106,18 +106,22 @@ def _val_predictions(out: Path, data: Path, device, labelled_only: bool, progres
     return res
 
 
-def calibrate_and_save(out: Path, model: torch.nn.Module | None, cfg: TrainConfig, data: Path, in_channels: int,
-                       best_epoch: int, best_val: float, device: torch.device, progress: bool = True) -> PostprocessParams:
-    """Write model.json with post-processing chosen on the validation split of ``out/splits.json``."""
+def calibrate_and_save(out: Path, cfg: TrainConfig, data: Path, in_channels: int, best_epoch: int,
+                       best_val: float, device: torch.device, progress: bool = True) -> PostprocessParams:
+    """Write model.json with post-processing chosen on the validation split of ``out/splits.json``
+    (the network is read back from ``out/model.pt``, exactly as predict will)."""
     training = {"best_epoch": best_epoch, "best_val_score": best_val,
                 "val_score": "mean per-case Dice at 0.5 (training size)" if cfg.task == "supervised"
                 else "minus the denoising loss on normal val slices"}
-    atomic_write_text(out / "model.json", json.dumps(model_meta(cfg, in_channels, PostprocessParams(), {
-        "training": training, "calibration": {"status": "pending"}}), indent=2))
+
+    def write_meta(cfg: TrainConfig, post: PostprocessParams, calibration: dict) -> None:
+        meta = model_meta(cfg, in_channels, post, {"training": training, "calibration": calibration})
+        atomic_write_text(out / "model.json", json.dumps(meta, indent=2))
+
+    write_meta(cfg, PostprocessParams(), {"status": "pending"})  # Predictor reads it
     if cfg.task == "anomaly":
         cfg, map_choice = choose_map(out, data, cfg, device)
-        atomic_write_text(out / "model.json", json.dumps(model_meta(cfg, in_channels, PostprocessParams(), {
-            "training": training, "calibration": {"status": "pending"}}), indent=2))
+        write_meta(cfg, PostprocessParams(), {"status": "pending"})
         best, calibration = calibrate_anomaly(_val_predictions(out, data, device, False, progress), cfg)
         calibration["map_selection"] = map_choice
     else:
@@ -130,8 +134,7 @@ def calibrate_and_save(out: Path, model: torch.nn.Module | None, cfg: TrainConfi
                        "trials": len(trials)}
     log.info("post-processing chosen on val: %s (%s)", best.to_dict(),
              {k: v for k, v in calibration.items() if k not in ("map_selection", "trials")})
-    atomic_write_text(out / "model.json", json.dumps(model_meta(cfg, in_channels, best, {
-        "training": training, "calibration": calibration}), indent=2))
+    write_meta(cfg, best, calibration)
     return best
 
 
@@ -208,5 +211,5 @@ def recalibrate(model_dir: str | Path, data: str | Path, device: str = "cpu", pr
     meta = json.loads((model_dir / "model.json").read_text())
     cfg = config_mod.load(model_dir / "config.json")
     training = meta.get("training", {})
-    return calibrate_and_save(model_dir, None, cfg, Path(data), meta["input"]["channels"], training.get("best_epoch", -1),
+    return calibrate_and_save(model_dir, cfg, Path(data), meta["input"]["channels"], training.get("best_epoch", -1),
                               training.get("best_val_score", float("nan")), torch.device(device), progress)

@@ -245,7 +245,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     train_set, val_set, _ = prepare(data, out, cfg, splits_file, progress)
     in_ch = train_set.images.shape[1]
     if cfg.task == "anomaly" and cfg.anomaly.method == "intensity":  # a baseline: nothing to train
-        calibrate_and_save(out, None, cfg, data, in_ch, -1, float("nan"), device=torch.device(device), progress=progress)
+        calibrate_and_save(out, cfg, data, in_ch, -1, float("nan"), device=torch.device(device), progress=progress)
         return TrainResult(out, -1, float("nan"), 0, 0.0)
     set_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -307,7 +307,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
         if state.elapsed + seconds > budget * 1.02:  # the next epoch would overrun the budget
             log.info("time budget of %.1f min reached", cfg.max_minutes)
             break
-    calibrate_and_save(out, model, cfg, data, in_ch, state.best_epoch, state.best, device=dev, progress=progress)
+    calibrate_and_save(out, cfg, data, in_ch, state.best_epoch, state.best, device=dev, progress=progress)
     return TrainResult(out, state.best_epoch, state.best, state.epoch + 1, state.elapsed)
 
 
@@ -371,7 +371,7 @@ def fit_intensity_baseline(model_dir: Path, data: Path, out: Path, device: str =
     atomic_write_text(out / "splits.json", (model_dir / "splits.json").read_text())
     config_mod.save(cfg, out / "config.json")
     in_ch = json.loads((model_dir / "model.json").read_text())["input"]["channels"]
-    calibrate_and_save(out, None, cfg, data, in_ch, -1, float("nan"), device=torch.device(device), progress=progress)
+    calibrate_and_save(out, cfg, data, in_ch, -1, float("nan"), device=torch.device(device), progress=progress)
     return out
 
 
