@@ -54,6 +54,9 @@ def _add_train(sub) -> None:
     p.add_argument("--init", help="start from local weights: a medanomaly model directory (e.g. from 'pretrain') "
                                    "or a .pt state dict; matching tensors are loaded, the others listed")
     p.add_argument("--freeze-encoder-epochs", type=int, help="with --init: train only the decoder at first")
+    p.add_argument("--unlabelled", metavar="DIR_OR_SPLIT",
+                   help="supervised: also learn from images without masks (a folder, or the name of a split in "
+                        "DATA/splits.json) with a mean teacher (EMA teacher, consistency loss)")
     p.add_argument("--synthetic-lesions", type=float, metavar="P",
                    help="supervised: paste a synthetic lesion (shape random, intensity and texture from the real "
                         "training lesions) into a lesion-free training sample with probability P")
@@ -167,7 +170,8 @@ def cmd_train(args) -> int:
                  "anomaly.method": args.method, "anomaly.noise_res": args.noise_res,
                  "anomaly.noise_std": args.noise_std, "anomaly.target_fpr": args.target_fpr,
                  "init": str(args.init) if args.init else None, "freeze_encoder_epochs": args.freeze_encoder_epochs,
-                 "synthetic_lesions": args.synthetic_lesions}
+                 "synthetic_lesions": args.synthetic_lesions,
+                 "unlabelled": str(args.unlabelled) if args.unlabelled else None}
     if args.resume and (args.out / "config.json").is_file() and args.config is None:
         args.config = args.out / "config.json"  # resume with the run's own configuration
         saved = json.loads(args.config.read_text()).get("task", "supervised")

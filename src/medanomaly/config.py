@@ -45,6 +45,9 @@ class TrainConfig:
     init: str | None = None  # start from these weights: a model directory or a .pt state dict
     freeze_encoder_epochs: int = 0  # with init: train only the decoder for this many epochs
     synthetic_lesions: float = 0.0  # probability that a lesion-free training sample gets a synthetic lesion
+    unlabelled: str | None = None  # images without masks (a folder, or a split name of splits.json): mean teacher
+    consistency_weight: float = 1.0  # mean teacher: weight of the consistency loss after its ramp-up
+    ema_decay: float = 0.99  # mean teacher: teacher = EMA of the student with this decay
     model: UNetConfig = field(default_factory=lambda: UNetConfig(width=32, depth=4, norm="batch"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)  # used by task "anomaly" only

@@ -128,6 +128,15 @@ def _append_metrics(path: Path, row: dict) -> None:
 
 
 @dataclass
+class Extras:
+    """Optional parts of a supervised step: synthetic lesions and the mean teacher's unlabelled data."""
+
+    lesion_stats: object | None = None  # synthetic.LesionStats
+    teacher: object | None = None  # semisup.MeanTeacher
+    unlabelled: SliceSet | None = None
+
+
+@dataclass
 class RunState:
     """Progress of a run, saved in checkpoint.pt after every epoch (plain numbers: weights_only-safe)."""
 
@@ -139,9 +148,10 @@ class RunState:
     bad_epochs: int = 0
 
 
-def _save_state(path: Path, model, opt, gen: torch.Generator, state: RunState) -> None:
+def _save_state(path: Path, model, opt, gen: torch.Generator, state: RunState, teacher=None) -> None:
+    extra = {"teacher": teacher.teacher.state_dict()} if teacher is not None else {}
     atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(),
-                       **asdict(state)}, path)
+                       **asdict(state), **extra}, path)
 
 
 def load_state(path: Path) -> dict:
@@ -265,12 +275,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
         state = RunState()
         (out / "metrics.csv").unlink(missing_ok=True)
     budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
-    lesion_stats = None
-    if cfg.task == "supervised" and cfg.synthetic_lesions > 0:  # intensities of the real training lesions
-        from medanomaly.synthetic import LesionStats
-
-        lesion_stats = LesionStats.from_slices(train_set.images, train_set.masks)
-        log.info("synthetic lesions with p=%.2f, intensity from real lesions: %s", cfg.synthetic_lesions, lesion_stats)
+    extras = _extras(cfg, data, train_set, model, ckpt_path if resume else None, progress)
     log.info("training on %d slices (%d val), %s, precision %s, budget %.1f min",
              len(train_set), len(val_set), device, precision, cfg.max_minutes)
     for epoch in range(state.epoch + 1, cfg.epochs):
@@ -280,7 +285,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
             set_encoder_trainable(model, epoch >= cfg.freeze_encoder_epochs)
         t0 = time.perf_counter()
         train_loss, lr = _run_epoch(model, opt, train_set, cfg, gen, state, budget, dev, precision, loss_fn, progress,
-                                    lesion_stats)
+                                    extras)
         if cfg.task == "anomaly":
             val_loss, val_score = validate_anomaly(model, val_set, cfg, precision, dev)
         else:
@@ -298,7 +303,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
         _append_metrics(out / "metrics.csv", {
             "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_dice": val_dice,
             "lr": lr, "seconds": seconds, "images_per_s": n_images / seconds})
-        _save_state(ckpt_path, model, opt, gen, state)
+        _save_state(ckpt_path, model, opt, gen, state, extras.teacher)
         log.info("epoch %d: train loss %.4f, val loss %.4f, val score %.4f%s (%.0f s)", epoch,
                  train_loss, val_loss, val_score, " *" if improved else "", seconds)
         if state.bad_epochs >= cfg.patience:
@@ -312,7 +317,8 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
 
 
 def _step_loss(model, images: torch.Tensor, masks: torch.Tensor, cfg: TrainConfig, gen: torch.Generator,
-               dev: torch.device, precision: str, loss_fn, lesion_stats=None) -> torch.Tensor:
+               dev: torch.device, precision: str, loss_fn, extras: Extras | None = None,
+               step: int = 0) -> torch.Tensor:
     """Loss of one batch: segmentation loss on logits, or (anomaly) the denoising loss, where
     ``masks`` are foreground masks and intensity augmentation is off (it would redefine normal)."""
     if cfg.task == "anomaly":
@@ -321,20 +327,27 @@ def _step_loss(model, images: torch.Tensor, masks: torch.Tensor, cfg: TrainConfi
         aug = replace(cfg.augment, p_gamma=0.0, p_contrast=0.0, p_noise=0.0)
         x, fg = augment_batch(images, masks, aug, gen)
         return denoise_loss(model, x.to(dev), fg.to(dev), cfg.anomaly, gen, autocast(dev, precision))
-    if cfg.synthetic_lesions > 0 and lesion_stats is not None:
+    extras = extras or Extras()
+    if cfg.synthetic_lesions > 0 and extras.lesion_stats is not None:
         from medanomaly.synthetic import add_synthetic_lesions
 
-        images, masks = add_synthetic_lesions(images, masks, cfg.synthetic_lesions, lesion_stats, gen)
+        images, masks = add_synthetic_lesions(images, masks, cfg.synthetic_lesions, extras.lesion_stats, gen)
     x, y = augment_batch(images, masks, cfg.augment, gen)
     x, y = _layout(x.to(dev), model), y.to(dev)
     with autocast(dev, precision):
         logits = model(x)
-    return loss_fn(logits.float(), y)
+    loss = loss_fn(logits.float(), y)
+    if extras.teacher is not None:  # mean teacher: consistency on a batch of unlabelled images
+        pick = torch.randint(len(extras.unlabelled), (len(images),), generator=gen)
+        xu, _ = augment_batch(extras.unlabelled.images[pick].float(), None, cfg.augment, gen)
+        loss = loss + extras.teacher.consistency(model, _layout(xu.to(dev), model), step, gen,
+                                                 lambda: autocast(dev, precision))
+    return loss
 
 
 def _run_epoch(model, opt, train_set: SliceSet, cfg: TrainConfig, gen: torch.Generator, state: RunState,
                budget: float, dev: torch.device, precision: str, loss_fn, progress: bool,
-               lesion_stats=None) -> tuple[float, float]:
+               extras: Extras | None = None) -> tuple[float, float]:
     """One pass over the training slices; returns (mean loss, last learning rate)."""
     from tqdm import tqdm
 
@@ -351,10 +364,12 @@ def _run_epoch(model, opt, train_set: SliceSet, cfg: TrainConfig, gen: torch.Gen
         for group in opt.param_groups:
             group["lr"] = lr
         loss = _step_loss(model, train_set.images[idx].float(), train_set.masks[idx].float(), cfg, gen, dev,
-                          precision, loss_fn, lesion_stats)
+                          precision, loss_fn, extras, state.step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if extras is not None and extras.teacher is not None:
+            extras.teacher.update(model, state.step)
         state.step += 1
         losses.append(loss.detach().item())
         bar.set_postfix(loss=f"{losses[-1]:.4f}")
@@ -384,3 +399,52 @@ def _check_init_channels(init: str, in_channels: int) -> None:
     if theirs is not None and theirs != in_channels:
         raise MedanomalyError(f"--init {init} was trained on {theirs}-channel images but these have {in_channels}; "
                               "use a model of the same modality/channels")
+
+
+def _extras(cfg: TrainConfig, data: Path, train_set: SliceSet, model, resume_from: Path | None,
+            progress: bool) -> Extras:
+    """Synthetic-lesion statistics and the mean teacher with its unlabelled images, where asked for."""
+    extras = Extras()
+    if cfg.task != "supervised":
+        return extras
+    if cfg.synthetic_lesions > 0:  # intensities of the real training lesions
+        from medanomaly.synthetic import LesionStats
+
+        extras.lesion_stats = LesionStats.from_slices(train_set.images, train_set.masks)
+        log.info("synthetic lesions with p=%.2f, from real lesions: %s", cfg.synthetic_lesions, extras.lesion_stats)
+    if cfg.unlabelled:
+        from medanomaly.semisup import MeanTeacher
+
+        extras.unlabelled = load_unlabelled(cfg, data, train_set, progress)
+        steps = max(1, len(train_set) // cfg.batch_size)
+        extras.teacher = MeanTeacher(model, cfg.ema_decay, cfg.consistency_weight, rampup_steps=5 * steps)
+        if resume_from is not None:
+            st = load_state(resume_from)
+            if "teacher" in st:
+                extras.teacher.teacher.load_state_dict(st["teacher"])
+        log.info("mean teacher on %d unlabelled slices", len(extras.unlabelled))
+    return extras
+
+
+def load_unlabelled(cfg: TrainConfig, data: Path, train_set: SliceSet, progress: bool) -> SliceSet:
+    """The images of ``cfg.unlabelled`` (a folder, or a split name of DATA's splits.json), masks
+    ignored; refused when empty or when it holds the labelled training images themselves."""
+    source = Path(cfg.unlabelled)
+    if source.exists():
+        samples = discover(source)
+    else:
+        splits_file = data / "splits.json"
+        names = json.loads(splits_file.read_text()) if splits_file.is_file() else {}
+        if cfg.unlabelled not in names:
+            raise MedanomalyError(f"--unlabelled {cfg.unlabelled}: neither a folder nor a split of {splits_file} "
+                                  f"(splits there: {sorted(names)}); pass a folder of images without masks")
+        cases = set(names[cfg.unlabelled])
+        samples = [s for s in discover(data) if s.case in cases]
+    if not samples:
+        raise MedanomalyError(f"--unlabelled {cfg.unlabelled} holds no images")
+    labelled = {p.resolve() for p in train_set.sources}
+    overlap = [s.image for s in samples if s.image.resolve() in labelled]
+    if overlap:
+        raise MedanomalyError(f"--unlabelled {cfg.unlabelled} holds {len(overlap)} of the labelled training images "
+                              f"(e.g. {overlap[0]}); give images that are not in the training split")
+    return load_slices(samples, cfg.size, cfg.normalization, with_masks=False, progress=progress)

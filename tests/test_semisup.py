@@ -1,0 +1,98 @@
+"""Mean teacher: EMA updates, ramp-up, consistency, and train --unlabelled."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image as PILImage
+
+from medanomaly.cli import main
+from medanomaly.models import UNet, UNetConfig
+from medanomaly.semisup import MeanTeacher
+
+
+def _tiny() -> UNet:
+    torch.manual_seed(0)
+    return UNet(UNetConfig(width=4, depth=2))
+
+
+def test_teacher_is_the_exponential_moving_average_of_the_student():
+    student = _tiny()
+    mt = MeanTeacher(student, decay=0.99)
+    before = [p.clone() for p in mt.teacher.parameters()]
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(1.0)
+    mt.update(student, step=9)  # a = min(0.99, 1 - 1/10) = 0.9
+    for t, b, s in zip(mt.teacher.parameters(), before, student.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * s)
+    mt.update(student, step=0)  # a = 0: the teacher starts as the student
+    for t, s in zip(mt.teacher.parameters(), student.parameters()):
+        torch.testing.assert_close(t, s)
+    assert not any(p.requires_grad for p in mt.teacher.parameters())
+
+
+def test_consistency_weight_ramps_up():
+    mt = MeanTeacher(_tiny(), weight=2.0, rampup_steps=100)
+    assert mt.ramp(0) == pytest.approx(2.0 * math.exp(-5)) and mt.ramp(100) == 2.0 and mt.ramp(500) == 2.0
+    assert mt.ramp(50) < mt.ramp(80)
+
+
+def test_consistency_is_zero_when_student_equals_teacher_without_noise():
+    student = _tiny().eval()
+    mt = MeanTeacher(student, noise_std=0.0)
+    x = torch.rand(2, 1, 16, 16)
+    loss = mt.consistency(student, x, step=1000, gen=torch.Generator().manual_seed(0),
+                          autocast=contextlib.nullcontext)
+    assert float(loss.detach()) == pytest.approx(0.0, abs=1e-12)
+
+
+def _phantoms(root: Path, cases: list[str], with_masks: bool = True) -> None:
+    rng = np.random.default_rng(abs(hash(root.name)) % 2**32)
+    for c in cases:
+        d = root / c
+        d.mkdir(parents=True)
+        for k in range(3):
+            img = (rng.random((32, 32)) * 80 + 40).astype(np.uint8)
+            mask = np.zeros((32, 32), np.uint8)
+            img[10:18, 10:18], mask[10:18, 10:18] = 220, 255
+            PILImage.fromarray(img).save(d / f"{c}_{k}.png")
+            if with_masks:
+                PILImage.fromarray(mask).save(d / f"{c}_{k}_mask.png")
+
+
+TINY = ["--size", "32", "--width", "4", "--depth", "2", "--epochs", "2", "--batch-size", "4", "--device", "cpu"]
+
+
+@pytest.fixture()
+def labelled(tmp_path) -> Path:
+    _phantoms(tmp_path / "data", ["a", "b", "c", "d"])
+    (tmp_path / "data" / "splits.json").write_text(json.dumps({"train": ["a", "b"], "val": ["c"], "test": ["d"]}))
+    return tmp_path / "data"
+
+
+def test_train_with_an_unlabelled_folder(labelled, tmp_path):
+    _phantoms(tmp_path / "unl", ["u1", "u2"], with_masks=False)
+    out = tmp_path / "m"
+    assert main(["-q", "train", str(labelled), "--out", str(out), "--unlabelled", str(tmp_path / "unl"), *TINY]) == 0
+    assert json.loads((out / "config.json").read_text())["unlabelled"] == str(tmp_path / "unl")
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert "teacher" in state and set(state["teacher"]) == set(state["model"])
+    assert main(["-q", "train", str(labelled), "--out", str(out), "--resume", "--epochs", "3"]) == 0
+
+
+@pytest.mark.parametrize("kind", ["empty-folder", "labelled-images", "unknown-split"])
+def test_bad_unlabelled_sources_are_clear_errors(kind, labelled, tmp_path, capsys):
+    given = {"empty-folder": tmp_path / "empty", "labelled-images": labelled, "unknown-split": "nope"}[kind]
+    (tmp_path / "empty").mkdir()
+    rc = main(["-q", "train", str(labelled), "--out", str(tmp_path / "m"), "--unlabelled", str(given), *TINY])
+    err = " ".join(capsys.readouterr().err.split())
+    assert rc == 2 and "Traceback" not in err
+    assert {"empty-folder": "no images found", "labelled-images": "labelled training images",
+            "unknown-split": "neither a folder nor a split"}[kind] in err
