@@ -44,6 +44,12 @@ class Accumulator:
     image_scores: list[float] = field(default_factory=list)  # anomaly task: one score per 2D image
     image_labels: list[bool] = field(default_factory=list)
 
+    def pooled(self) -> tuple[np.ndarray, np.ndarray]:
+        """All scores and truths as two flat arrays, concatenated once (summary and curves share them)."""
+        if len(self.scores) > 1:
+            self.scores, self.truths = [np.concatenate(self.scores)], [np.concatenate(self.truths)]
+        return self.scores[0], self.truths[0]
+
     def add(self, case: str, pred: np.ndarray, truth: np.ndarray, score: np.ndarray | None, image: np.ndarray | None = None) -> None:
         s = M.get_stats(pred, truth)
         self.per_case[case] = self.per_case[case] + s if case in self.per_case else s
@@ -96,9 +102,9 @@ def summarize(acc: Accumulator) -> dict:
            "dice_per_case_median": float(np.median(case_dice)),
            **M.lesion_metrics(lesions), "lesions": lesions}
     if acc.scores:
-        s, t = np.concatenate(acc.scores), np.concatenate(acc.truths)
+        s, t = acc.pooled()
         out["auroc"], out["auprc"] = M.auroc(s, t), M.auprc(s, t)
-    if acc.image_scores:
+    if acc.image_scores and acc.scores:
         out["image_auroc"] = M.auroc(np.asarray(acc.image_scores), np.asarray(acc.image_labels))
         t_best, d_best = M.best_dice_threshold(s, t, n_thresholds=200)
         out["oracle_dice"] = d_best
@@ -111,7 +117,7 @@ def curves(acc: Accumulator, max_points: int = 400) -> dict:
     """ROC and PR curves (subsampled for plotting) from the pooled scores."""
     if not acc.scores:
         return {}
-    s, t = np.concatenate(acc.scores), np.concatenate(acc.truths)
+    s, t = acc.pooled()
     if t.all() or not t.any():
         return {}
     fpr, tpr, _ = M.roc_curve(s, t)

@@ -3,8 +3,6 @@ in its format and with its geometry."""
 
 from __future__ import annotations
 
-import os
-import secrets
 from pathlib import Path
 from typing import Callable
 
@@ -14,6 +12,7 @@ import SimpleITK as sitk
 import tifffile
 from PIL import Image as PILImage
 
+from medanomaly.atomic import atomic_path
 from medanomaly.io.image import Image, affine_from_geometry
 
 
@@ -28,14 +27,8 @@ def score_suffix(like: Image) -> str:
 
 
 def _atomic_write(final: Path, write: Callable[[Path], None]) -> Path:
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".tmp-{secrets.token_hex(4)}-{final.name}"  # same folder, same suffix
-    try:
+    with atomic_path(final) as tmp:  # same folder, same suffix, then os.replace
         write(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return final
 
 
