@@ -769,14 +769,20 @@ def _check_clean_exit_2(rc: int, err: str, named: Path, pattern: str) -> None:
     assert any(re.search(pattern, t, re.S) for t in _flat(err)), err
 
 
-@pytest.mark.parametrize("kind", list(TRAIN_CASES))
-def test_train_bad_data(kind: str, tmp_path: Path, capsys, monkeypatch) -> None:
+def _bad_data(kind: str, tmp_path: Path, monkeypatch) -> tuple[Path, Path, str]:
+    """(data folder, the file or folder the message must name, the message pattern) for a kind."""
     data = tmp_path / "data"
     data.mkdir()
     build, pattern = TRAIN_CASES[kind]
     named = build(data)
     if kind == "permission-denied":
         _deny(monkeypatch, named)
+    return data, named, pattern
+
+
+@pytest.mark.parametrize("kind", list(TRAIN_CASES))
+def test_train_bad_data(kind: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    data, named, pattern = _bad_data(kind, tmp_path, monkeypatch)
     out = tmp_path / "model"
     rc, err = _cli(capsys, "train", data if kind != "nonexistent-path" else named, "--out", out, *TINY)
     _check_clean_exit_2(rc, err, named, pattern)
@@ -791,12 +797,7 @@ EVALUATE_CASES = ["mask-size-mismatch", "mask-values-0-128-255", "only-masks", "
 
 @pytest.mark.parametrize("kind", EVALUATE_CASES)
 def test_evaluate_bad_data(kind: str, tiny_model: Path, tmp_path: Path, capsys, monkeypatch) -> None:
-    data = tmp_path / "data"
-    data.mkdir()
-    build, pattern = TRAIN_CASES[kind]
-    named = build(data)
-    if kind == "permission-denied":
-        _deny(monkeypatch, named)
+    data, named, pattern = _bad_data(kind, tmp_path, monkeypatch)
     out = tmp_path / "eval"
     rc, err = _cli(capsys, "evaluate", "--model", tiny_model, "--data", data if kind != "nonexistent-path" else named,
                    "--split", "all", "--out", out)
