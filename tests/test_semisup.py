@@ -80,7 +80,8 @@ def labelled(tmp_path) -> Path:
 def test_train_with_an_unlabelled_folder(labelled, tmp_path):
     _phantoms(tmp_path / "unl", ["u1", "u2"], with_masks=False)
     out = tmp_path / "m"
-    assert main(["-q", "train", str(labelled), "--out", str(out), "--unlabelled", str(tmp_path / "unl"), *TINY]) == 0
+    assert main(["-q", "train", str(labelled), "--out", str(out), "--unlabelled", str(tmp_path / "unl"),
+                 "--unlabelled-method", "mean-teacher", *TINY]) == 0
     assert json.loads((out / "config.json").read_text())["unlabelled"] == str(tmp_path / "unl")
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert "teacher" in state and set(state["teacher"]) == set(state["model"])
@@ -96,3 +97,41 @@ def test_bad_unlabelled_sources_are_clear_errors(kind, labelled, tmp_path, capsy
     assert rc == 2 and "Traceback" not in err
     assert {"empty-folder": "no images found", "labelled-images": "labelled training images",
             "unknown-split": "neither a folder nor a split"}[kind] in err
+
+
+def test_unlabelled_can_name_a_list_of_the_splits_file(labelled, tmp_path, caplog):
+    """--unlabelled NAME takes the cases of the list NAME in --splits: their images, masks ignored."""
+    import logging
+
+    splits = tmp_path / "few.json"
+    splits.write_text(json.dumps({"train": ["a"], "val": ["c"], "test": ["d"], "unlabelled": ["b"]}))
+    with caplog.at_level(logging.INFO, logger="medanomaly"):
+        assert main(["-q", "train", str(labelled), "--out", str(tmp_path / "m"), "--splits", str(splits),
+                     "--unlabelled", "unlabelled", "--unlabelled-method", "mean-teacher", *TINY]) == 0
+    assert "mean teacher on 3 unlabelled slices" in caplog.text  # case b: 3 slices
+    assert json.loads((tmp_path / "m" / "splits.json").read_text())["unlabelled"] == ["b"]
+
+
+def test_unlabelled_default_pretrains_on_labelled_and_unlabelled_then_fine_tunes(labelled, tmp_path, caplog):
+    """The default remedy (auto -> pretrain): a denoising model of train + unlabelled cases is trained
+    first in MODEL/pretrain for pretrain_share of the budget; the supervised run starts from it."""
+    import logging
+
+    from medanomaly.semisup import DEFAULT_UNLABELLED_METHOD
+
+    splits = tmp_path / "few.json"
+    splits.write_text(json.dumps({"train": ["a"], "val": ["c"], "test": ["d"], "unlabelled": ["b"]}))
+    out = tmp_path / "m"
+    with caplog.at_level(logging.INFO, logger="medanomaly"):
+        assert main(["-q", "train", str(labelled), "--out", str(out), "--splits", str(splits),
+                     "--unlabelled", "unlabelled", "--max-minutes", "1", *TINY]) == 0
+    assert "pretrain" in DEFAULT_UNLABELLED_METHOD
+    pre = json.loads((out / "pretrain-splits.json").read_text())
+    assert pre["train"] == ["a", "b"] and pre["val"] == ["c"]
+    assert json.loads((out / "pretrain" / "model.json").read_text())["task"] == "anomaly"
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["init"] == str(out / "pretrain") and cfg["max_minutes"] == pytest.approx(0.7)
+    assert json.loads((out / "pretrain" / "config.json").read_text())["max_minutes"] == pytest.approx(0.3)
+    assert "--init" in caplog.text and "loaded" in caplog.text
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert "teacher" not in state  # pretrain alone: no mean teacher

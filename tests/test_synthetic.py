@@ -90,3 +90,65 @@ def test_train_with_synthetic_lesions(tmp_path):
                "--size", "32", "--width", "4", "--depth", "2", "--epochs", "1", "--batch-size", "4", "--device", "cpu"])
     assert rc == 0
     assert json.loads((tmp_path / "m" / "config.json").read_text())["synthetic_lesions"] == 0.5
+
+
+# --- the anomaly task's self-supervised objective (method "synthetic", FPI/DRAEM-like) ---------------
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_pasted_anomaly_changes_only_its_mask_inside_the_foreground(seed):
+    from medanomaly.synthetic import paste_anomaly
+
+    img, donor = _head(), torch.rand(1, 64, 64)
+    fg = (img > 0.1).float()
+    out, mask = paste_anomaly(img, fg, donor, torch.Generator().manual_seed(seed))
+    m = mask[0].bool()
+    assert m.any() and not (m & ~fg[0].bool()).any()
+    assert torch.equal(out[0][~m], img[0][~m])  # outside the mask: untouched
+    assert (out[0][m] != img[0][m]).float().mean() > 0.5  # inside: (almost everywhere) changed
+
+
+def test_add_synthetic_anomalies_rate_and_inputs_unchanged():
+    from medanomaly.synthetic import add_synthetic_anomalies
+
+    imgs = torch.stack([_head(32)] * 40)
+    fg = (imgs > 0.1).float()
+    before = imgs.clone()
+    out, masks = add_synthetic_anomalies(imgs, fg, 0.5, torch.Generator().manual_seed(0))
+    hit = masks.flatten(1).any(1)
+    assert 10 <= int(hit.sum()) <= 30  # about half of 40
+    assert torch.equal(imgs, before)  # inputs are never modified in place
+    assert torch.equal(out[~hit], imgs[~hit])
+
+
+def test_synthetic_anomaly_method_trains_predicts_and_exports(tmp_path):
+    """method 'synthetic': a 1-channel logit network, its sigmoid is the map; model.json and ONNX agree."""
+    from PIL import Image as PILImage
+
+    from medanomaly.cli import main
+    from medanomaly.io import read_image
+    from medanomaly.predict import Predictor
+
+    data = tmp_path / "normals"
+    rng = np.random.default_rng(0)
+    for case in range(4):
+        (data / f"case{case}").mkdir(parents=True)
+        for k in range(6):
+            img = (_head(48)[0].numpy() * 255 * (0.9 + 0.2 * rng.random())).astype(np.uint8)
+            PILImage.fromarray(img).save(data / f"case{case}" / f"s{k}.png")
+    (data / "splits.json").write_text(json.dumps({"train": ["case0", "case1"], "val": ["case2"], "test": ["case3"]}))
+    model = tmp_path / "m"
+    assert main(["-q", "train", str(data), "--out", str(model), "--task", "anomaly", "--method", "synthetic",
+                 "--size", "48", "--width", "4", "--depth", "2", "--epochs", "1", "--batch-size", "4"]) == 0
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["anomaly"]["method"] == "synthetic" and meta["model"]["out_channels"] == 1
+    p = Predictor(model)
+    score = p.scores(read_image(data / "case3" / "s0.png"))
+    assert score.shape == (48, 48) and 0.0 <= score.min() and score.max() <= 1.0
+    assert main(["-q", "export", str(model)]) == 0
+    sidecar = json.loads((model / "model.onnx.json").read_text())
+    from medanomaly.export import OnnxRunner
+
+    onnx_score = OnnxRunner(model).scores(read_image(data / "case3" / "s0.png"))
+    assert np.abs(onnx_score - score).max() < 1e-3
+    assert sidecar["output"]["name"] == "logits" and sidecar["output"]["shape"][1] == 1

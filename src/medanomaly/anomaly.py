@@ -11,7 +11,11 @@ Methods (``AnomalyConfig.method``, a registry whose errors list the keys):
 * ``denoise``: coarse-noise denoising U-Net (the default);
 * ``identity``: the same U-Net trained without noise, the ablation that shows why;
 * ``intensity``: no network; the normalised intensity itself is the score (the classic strong
-  baseline for FLAIR hyperintensities).
+  baseline for FLAIR hyperintensities);
+* ``synthetic``: a self-supervised segmenter, as FPI (Tan et al., "Detecting outliers with foreign
+  patch interpolation", MELBA 2022) and DRAEM (Zavrtanik et al., ICCV 2021): normal images get
+  synthetic anomalies pasted in (:func:`medanomaly.synthetic.paste_anomaly`) and the U-Net learns
+  to segment them; its probability is the anomaly map. It returns logits, not a reconstruction.
 
 Shapes: images (N, C, H, W) in about [0, 1]; foreground masks (N, 1, H, W) in {0, 1}.
 """
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 
 from medanomaly.postprocess import foreground_mask, median_filter_scores
 
-METHODS = ("denoise", "identity", "intensity")
+METHODS = ("denoise", "identity", "intensity", "synthetic")
 RESIDUALS = ("abs", "positive", "negative")
 
 
@@ -44,6 +48,7 @@ class AnomalyConfig:
     normal_only: bool = True  # False (pretrain): learn from every image, masks ignored
     image_quantile: float = 0.995  # image-level score: this quantile of the map inside the foreground
     target_fpr: float = 0.01  # label-free threshold: this fraction of normal foreground pixels above it
+    synthetic_p: float = 0.5  # method synthetic: share of training images that get a pasted anomaly
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -90,15 +95,44 @@ def denoise_loss(model: torch.nn.Module, x: torch.Tensor, fg: torch.Tensor, cfg:
     return err.sum() / (fg.sum() * x.shape[1]).clamp_min(1.0)
 
 
+def output_channels(method: str, in_channels: int) -> int:
+    """Channels the network of ``method`` returns: a reconstruction, or one logit map (synthetic)."""
+    return 1 if method == "synthetic" else in_channels
+
+
+def anomaly_loss(model: torch.nn.Module, x: torch.Tensor, fg: torch.Tensor, cfg: AnomalyConfig,
+                 gen: torch.Generator, autocast_ctx) -> torch.Tensor:
+    """The training loss of ``cfg.method``: :func:`denoise_loss`, or (synthetic) BCE + Dice of
+    segmenting anomalies pasted into the normal images x (N, C, H, W) inside their foreground fg."""
+    if cfg.method != "synthetic":
+        return denoise_loss(model, x, fg, cfg, gen, autocast_ctx)
+    from medanomaly.losses import get_loss
+    from medanomaly.synthetic import add_synthetic_anomalies
+
+    xa, target = add_synthetic_anomalies(x.cpu(), fg.cpu(), cfg.synthetic_p, gen)
+    xa = xa.to(x.device)
+    if xa.ndim == 4 and next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
+        xa = xa.contiguous(memory_format=torch.channels_last)
+    with autocast_ctx:
+        logits = model(xa)
+    return get_loss("bce+dice", 0.5)(logits.float(), target.to(x.device))
+
+
 def residual_map(x: np.ndarray, recon: np.ndarray | None, cfg: AnomalyConfig) -> np.ndarray:
     """Anomaly map of one image at model size: x, recon (C, H, W) -> (H, W) float32.
 
     The residual ``x - recon`` (absolute, or only its positive or negative part, per
-    ``cfg.residual``) averaged over channels (for ``intensity``: x itself), zero outside the
-    eroded foreground, median filtered.
+    ``cfg.residual``) averaged over channels (for ``intensity``: x itself; for ``synthetic``,
+    recon is the network's anomaly probability (1, H, W)), zero outside the eroded foreground,
+    median filtered.
     """
     fg = foreground_mask(x.mean(0), erode=cfg.erode)
-    raw = x.mean(0) if recon is None else _signed(x - recon, cfg.residual).mean(0)
+    if recon is None:
+        raw = x.mean(0)
+    elif cfg.method == "synthetic":
+        raw = recon.mean(0)
+    else:
+        raw = _signed(x - recon, cfg.residual).mean(0)
     score = median_filter_scores(raw * fg, cfg.median_size) if cfg.median_size > 1 else raw * fg
     return (score * fg).astype(np.float32)
 
@@ -120,5 +154,5 @@ def map_variants(cfg: AnomalyConfig) -> list[AnomalyConfig]:
     """Anomaly-map settings tried on the validation split (residual sign x erosion x median)."""
     from dataclasses import replace
 
-    residuals = RESIDUALS if cfg.method != "intensity" else ("abs",)  # intensity has no residual
+    residuals = RESIDUALS if cfg.method not in ("intensity", "synthetic") else ("abs",)  # no residual there
     return [replace(cfg, residual=r, erode=e, median_size=m) for r in residuals for e in (3, 6) for m in (5, 7)]

@@ -65,7 +65,9 @@ def search(scores: list[np.ndarray], truths: list[np.ndarray], cases: list[str],
 
 def model_meta(cfg: TrainConfig, in_channels: int, post: PostprocessParams, extra: dict) -> dict:
     """The content of model.json: everything predict needs, nothing that identifies a patient."""
-    out_channels = in_channels if cfg.task == "anomaly" else 1
+    from medanomaly.anomaly import output_channels
+
+    out_channels = output_channels(cfg.anomaly.method, in_channels) if cfg.task == "anomaly" else 1
     meta = {
         "format": "medanomaly-model",
         "medanomaly_version": __version__,
@@ -112,7 +114,7 @@ def calibrate_and_save(out: Path, cfg: TrainConfig, data: Path, in_channels: int
     (the network is read back from ``out/model.pt``, exactly as predict will)."""
     training = {"best_epoch": best_epoch, "best_val_score": best_val,
                 "val_score": "mean per-case Dice at 0.5 (training size)" if cfg.task == "supervised"
-                else "minus the denoising loss on normal val slices"}
+                else f"minus the {cfg.anomaly.method} training loss on normal val slices"}
 
     def write_meta(cfg: TrainConfig, post: PostprocessParams, calibration: dict) -> None:
         meta = model_meta(cfg, in_channels, post, {"training": training, "calibration": calibration})
@@ -187,7 +189,7 @@ def choose_map(out: Path, data: Path, cfg: TrainConfig, device) -> tuple[TrainCo
     recon = None
     if predictor.model is not None:
         with torch.inference_mode():
-            recon = torch.cat([predictor._forward(x[i:i + 32]).float().cpu() for i in range(0, len(x), 32)]).numpy()
+            recon = torch.cat([predictor.network_output(x[i:i + 32]) for i in range(0, len(x), 32)]).numpy()
     xs, truth = x.numpy(), val.masks.numpy()[:, 0].astype(bool)
     trials = []
     for v in map_variants(cfg.anomaly):

@@ -37,6 +37,9 @@ def _add_train(sub) -> None:
     p.add_argument("--width", type=int, help="channels of the first U-Net level (default 32)")
     p.add_argument("--depth", type=int, help="down-sampling steps (default 4)")
     p.add_argument("--norm", choices=["batch", "instance", "group", "none"])
+    p.add_argument("--encoder", choices=["plain", "resnet18", "resnet34"],
+                   help="U-Net encoder: plain (default) or a ResNet-18/34 that --init loads torchvision weights into "
+                        "(2D; grey images are repeated onto RGB; --depth is ignored)")
     p.add_argument("--patience", type=int, help="early stopping: epochs without improvement (default 15)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--no-augment", action="store_true", help="turn augmentation off")
@@ -44,9 +47,10 @@ def _add_train(sub) -> None:
                    help="supervised: average the prediction with that of the left-right flipped image")
     p.add_argument("--task", choices=["supervised", "anomaly"],
                    help="supervised (image + mask pairs, default) or anomaly (learn normal anatomy from normal images)")
-    p.add_argument("--method", choices=["denoise", "identity", "intensity"],
+    p.add_argument("--method", choices=["denoise", "identity", "intensity", "synthetic"],
                    help="anomaly task: denoise (coarse-noise denoising U-Net, default), identity (no-noise "
-                        "ablation), intensity (no network: the normalised intensity is the score)")
+                        "ablation), intensity (no network: the normalised intensity is the score), synthetic "
+                        "(segment anomalies pasted into normal images, as FPI/DRAEM)")
     p.add_argument("--noise-res", type=int, help="anomaly: coarse noise grid per side (default 16)")
     p.add_argument("--noise-std", type=float, help="anomaly: noise strength, normalised intensity units (default 0.2)")
     p.add_argument("--target-fpr", type=float,
@@ -55,13 +59,26 @@ def _add_train(sub) -> None:
                                    "or a .pt state dict; matching tensors are loaded, the others listed")
     p.add_argument("--freeze-encoder-epochs", type=int, help="with --init: train only the decoder at first")
     p.add_argument("--unlabelled", metavar="DIR_OR_SPLIT",
-                   help="supervised: also learn from images without masks (a folder, or the name of a split in "
-                        "DATA/splits.json) with a mean teacher (EMA teacher, consistency loss)")
+                   help="supervised: also learn from images without masks (a folder, or the name of a list of "
+                        "case ids in the split file), by --unlabelled-method")
+    p.add_argument("--unlabelled-method", choices=["auto", "mean-teacher", "pretrain", "pretrain+mean-teacher"],
+                   help="with --unlabelled: pretrain (denoising pretraining on labelled + unlabelled images for "
+                        "--pretrain-share of the budget, then fine-tune), mean-teacher (EMA teacher, consistency "
+                        "loss), or both; auto (default): the remedy measured best with few labels (README)")
+    p.add_argument("--pretrain-share", type=float, help="with --unlabelled and pretrain: share of --max-minutes "
+                   "spent pretraining (default 0.3)")
     p.add_argument("--synthetic-lesions", type=float, metavar="P",
                    help="supervised: paste a synthetic lesion (shape random, intensity and texture from the real "
                         "training lesions) into a lesion-free training sample with probability P")
+    p.add_argument("--extra", type=Path, metavar="DIR",
+                   help="supervised: add the image/mask pairs of DIR (e.g. from 'medanomaly synthesize') to the "
+                        "training split only; they must be --size x --size with the training images' channels")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--plan", type=Path, metavar="PLAN_JSON", help="use this plan from 'medanomaly plan' (default: "
+                   "one is made from DATA and this machine); --config and flags override its settings")
+    g.add_argument("--no-plan", action="store_true", help="no plan: the built-in defaults (see README, 'train')")
 
 
 def _add_pretrain(sub) -> None:
@@ -77,6 +94,7 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--depth", type=int)
+    p.add_argument("--encoder", choices=["plain", "resnet18", "resnet34"], help="U-Net encoder (see 'train --help')")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
 
@@ -147,12 +165,49 @@ def _add_serve(sub) -> None:
     p.add_argument("--device", default="auto")
 
 
+def _add_synthesize(sub) -> None:
+    p = sub.add_parser("synthesize", help="train a lesion generator (GAN) and write synthetic image/mask pairs",
+                       description="Train a small mask-conditioned generator (pix2pix-style: lesion mask + image with "
+                                   "the lesion region erased -> image) on the train split of DATA, then paint N "
+                                   "lesions, from real training masks moved to a new place, into lesion-free training "
+                                   "slices. Writes DIR/images/synthetic_NNNNN.png, DIR/masks/synthetic_NNNNN.png, "
+                                   "DIR/manifest.json and DIR/generator.pt; 'train --extra DIR' uses them.")
+    p.add_argument("data", type=Path, help="folder of images and masks (see README, 'Data layouts')")
+    p.add_argument("--out", type=Path, required=True, help="output folder (new or empty, outside DATA)")
+    p.add_argument("--n", type=int, required=True, help="number of synthetic pairs to write")
+    p.add_argument("--size", type=int, help="pixels per side of training and of the written pairs (default 128)")
+    p.add_argument("--max-minutes", type=float, help="GAN training time budget in minutes (default 20)")
+    p.add_argument("--max-steps", type=int, help="GAN training steps at most (default 100000)")
+    p.add_argument("--batch-size", type=int, help="GAN batch size (default 8)")
+    p.add_argument("--width", type=int, help="generator U-Net width (default 16)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--splits", type=Path, help="split file (default: DATA/splits.json, else a seeded split by case)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier synthesize output in --out")
+    p.add_argument("--device", default="auto")
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help="derive training settings from the data and this machine",
+                       description="Fingerprint DATA (sizes, spacing, channels, intensities, lesion share) and this "
+                                   "machine (cores, memory, GPU); print the plan (setting | value | why) and write it "
+                                   "as JSON for 'train --plan' ('train' makes the same plan itself by default).")
+    p.add_argument("data", type=Path, help="folder of images (and masks)")
+    p.add_argument("--out", type=Path, default=Path("plan.json"),
+                   help="plan file to write, or a folder to write plan.json into (default: ./plan.json)")
+    p.add_argument("--max-minutes", type=float, help="training time budget to plan for (default 25)")
+    p.add_argument("--task", choices=["supervised", "anomaly"],
+                   help="default: supervised when DATA has masks, else anomaly")
+    p.add_argument("--splits", type=Path, help="split file (default: DATA/splits.json, else a seeded split by case)")
+    p.add_argument("--device", default="auto", help="plan for cpu, cuda, cuda:1 or auto (default)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="medanomaly", description="Find abnormal regions in medical images.")
     parser.add_argument("--version", action="version", version=f"medanomaly {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
     sub = parser.add_subparsers(dest="command", required=True)
-    for add in (_add_train, _add_pretrain, _add_predict, _add_evaluate, _add_demo, _add_export, _add_serve):
+    for add in (_add_train, _add_pretrain, _add_predict, _add_evaluate, _add_demo, _add_export, _add_serve,
+                _add_synthesize, _add_plan):
         add(sub)
     return parser
 
@@ -166,23 +221,48 @@ def cmd_train(args) -> int:
                  "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "loss": args.loss,
                  "optimizer": args.optimizer, "patience": args.patience, "precision": args.precision,
                  "model.width": args.width, "model.depth": args.depth, "model.norm": args.norm,
+                 "model.encoder": args.encoder,
                  "augment.enabled": False if args.no_augment else None, "task": args.task, "tta": args.tta,
                  "anomaly.method": args.method, "anomaly.noise_res": args.noise_res,
                  "anomaly.noise_std": args.noise_std, "anomaly.target_fpr": args.target_fpr,
                  "init": str(args.init) if args.init else None, "freeze_encoder_epochs": args.freeze_encoder_epochs,
                  "synthetic_lesions": args.synthetic_lesions,
-                 "unlabelled": str(args.unlabelled) if args.unlabelled else None}
+                 "unlabelled": str(args.unlabelled) if args.unlabelled else None,
+                 "unlabelled_method": args.unlabelled_method, "pretrain_share": args.pretrain_share,
+                 "extra": str(args.extra) if args.extra else None}
     if args.resume and (args.out / "config.json").is_file() and args.config is None:
         args.config = args.out / "config.json"  # resume with the run's own configuration
         saved = json.loads(args.config.read_text()).get("task", "supervised")
         if args.task and args.task != saved:
             raise MedanomalyError(f"{args.out} holds a '{saved}' run; it cannot be resumed as '{args.task}': "
                                   "drop --task, or train the other task into a new --out")
+    plan = None
+    if not (args.resume or args.no_plan):  # defaults < plan < --config < flags; a resumed run keeps its config
+        from medanomaly import plan as planning
+
+        plan, overrides = planning.for_run(args.data, args.splits, args.plan, args.config, overrides, args.device)
     cfg = config.load(args.config, overrides)
     res = train(args.data, args.out, cfg, args.splits, resume=args.resume, device=str(resolve_device(args.device)),
                 progress=not args.quiet)
+    if plan is not None:
+        planning.save_plan(plan, res.out_dir / "plan.json")
     _say(f"model written to {res.out_dir} (best epoch {res.best_epoch}, val score {res.best_val_score:.4f}, "
          f"{res.seconds / 60:.1f} min)")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from medanomaly import plan as planning
+    from medanomaly.config import TrainConfig
+    from medanomaly.data import discover
+
+    task = args.task or ("supervised" if any(s.mask is not None for s in discover(args.data)) else "anomaly")
+    fp = planning.fingerprint(args.data, args.splits, labelled_only=task == "supervised")  # what the task trains on
+    minutes = TrainConfig.max_minutes if args.max_minutes is None else args.max_minutes
+    plan = planning.make_plan(fp, planning.machine(args.device), minutes, task)
+    out = planning.save_plan(plan, args.out / "plan.json" if args.out.is_dir() else args.out)
+    _say(plan.table())
+    _say(f"plan written to {out}; use it with 'medanomaly train {args.data} --plan {out} --out MODEL_DIR'")
     return 0
 
 
@@ -194,7 +274,7 @@ def cmd_pretrain(args) -> int:
     cfg = config.load(None, {"task": "anomaly", "anomaly.method": "denoise", "anomaly.normal_only": False,
                              "size": args.size, "epochs": args.epochs, "max_minutes": args.max_minutes,
                              "batch_size": args.batch_size, "model.width": args.width, "model.depth": args.depth,
-                             "seed": args.seed})
+                             "model.encoder": args.encoder, "seed": args.seed})
     res = train(args.data, args.out, cfg, args.splits, device=str(resolve_device(args.device)), progress=not args.quiet)
     _say(f"pretrained model written to {res.out_dir} ({res.seconds / 60:.1f} min); use it with "
          f"'medanomaly train DATA --init {res.out_dir}'")
@@ -249,6 +329,20 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_synthesize(args) -> int:
+    from medanomaly.gan import GanConfig, synthesize
+    from medanomaly.runtime import resolve_device
+
+    given = {"size": args.size, "minutes": args.max_minutes, "max_steps": args.max_steps,
+             "batch_size": args.batch_size, "width": args.width, "seed": args.seed}
+    cfg = GanConfig(**{k: v for k, v in given.items() if v is not None})
+    out = synthesize(args.data, args.out, args.n, cfg, args.splits, device=str(resolve_device(args.device)),
+                     progress=not args.quiet, overwrite=args.overwrite)
+    _say(f"{args.n} synthetic pairs written to {out} (manifest: {out / 'manifest.json'}); use them with "
+         f"'medanomaly train DATA --extra {out} --size {cfg.size}'")
+    return 0
+
+
 def cmd_serve(args) -> int:
     from medanomaly.runtime import resolve_device
 
@@ -271,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     commands = {"train": cmd_train, "pretrain": cmd_pretrain, "predict": cmd_predict, "evaluate": cmd_evaluate, "demo": cmd_demo,
-                "export": cmd_export, "serve": cmd_serve}
+                "export": cmd_export, "serve": cmd_serve, "synthesize": cmd_synthesize,
+                "plan": cmd_plan}
     try:
         return commands[args.command](args)
     except MedanomalyError as exc:

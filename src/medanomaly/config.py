@@ -48,6 +48,9 @@ class TrainConfig:
     unlabelled: str | None = None  # images without masks (a folder, or a split name of splits.json): mean teacher
     consistency_weight: float = 1.0  # mean teacher: weight of the consistency loss after its ramp-up
     ema_decay: float = 0.99  # mean teacher: teacher = EMA of the student with this decay
+    unlabelled_method: str = "auto"  # what --unlabelled does: auto (the measured best), mean-teacher, pretrain, both
+    pretrain_share: float = 0.3  # --unlabelled with pretrain: share of max_minutes spent pretraining
+    extra: str | None = None  # supervised: a folder of more image/mask pairs ('synthesize' output), added to train only
     model: UNetConfig = field(default_factory=lambda: UNetConfig(width=32, depth=4, norm="batch"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)  # used by task "anomaly" only
@@ -59,6 +62,9 @@ class TrainConfig:
         from medanomaly.losses import LOSSES
 
         _check_choice("loss", self.loss, tuple(LOSSES))
+        from medanomaly.semisup import UNLABELLED_METHODS
+
+        _check_choice("unlabelled_method", self.unlabelled_method, UNLABELLED_METHODS)
         from medanomaly.models import NORMS
 
         _check_choice("norm", self.model.norm, NORMS)

@@ -194,7 +194,9 @@ def load_splits(path: str | Path, cases: list[str]) -> dict[str, list[str]]:
     all_ids = [c for ids in splits.values() for c in ids]
     if len(all_ids) != len(set(all_ids)):
         raise MedanomalyError(f"split file {path} lists a case in more than one split; a case must be in one only")
-    return {k: list(splits.get(k, [])) for k in ("train", "val", "test")}
+    # train/val/test always; other named lists (e.g. "unlabelled", for train --unlabelled NAME) kept
+    return {**{k: list(splits.get(k, [])) for k in ("train", "val", "test")},
+            **{k: list(v) for k, v in splits.items() if k not in ("train", "val", "test")}}
 
 
 def make_splits(cases: list[str], seed: int, val: float = 0.15, test: float = 0.15) -> dict[str, list[str]]:
@@ -283,6 +285,17 @@ class SliceSet:
         return SliceSet(self.images[idx], None if self.masks is None else self.masks[idx],
                         [self.cases[i] for i in idx], [self.sources[i] for i in idx],
                         self.lesion[idx], self.labelled[idx])
+
+
+def concat_slices(*sets: SliceSet) -> SliceSet:
+    """One SliceSet with the slices of ``sets`` in order; all must have the same channels and size,
+    and either all have masks or none has."""
+    if len({tuple(s.images.shape[1:]) for s in sets}) != 1 or len({s.masks is None for s in sets}) != 1:
+        raise ValueError("concat_slices: the sets differ in channels, size or in having masks")
+    masks = None if sets[0].masks is None else torch.cat([s.masks for s in sets])
+    return SliceSet(torch.cat([s.images for s in sets]), masks,
+                    [c for s in sets for c in s.cases], [p for s in sets for p in s.sources],
+                    torch.cat([s.lesion for s in sets]), torch.cat([s.labelled for s in sets]))
 
 
 def load_slices(samples: list[Sample], size: int, normalization: str = "auto", with_masks: bool | None = True,

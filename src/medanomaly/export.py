@@ -89,7 +89,7 @@ def export_onnx(model_dir: Path, out_path: Path | None = None, opset: int = 17) 
     _require("onnx")  # torch.onnx.export (dynamo=False) serialises through it
     _require("onnxruntime")  # the check after export
     out_path = Path(out_path) if out_path is not None else model_dir / "model.onnx"
-    output_name = OUTPUT_NAMES[predictor.task]
+    output_name = output_name_of(predictor)
     model = predictor.model.float().to(memory_format=torch.contiguous_format).eval()
     example = torch.zeros(2, predictor.channels, predictor.size, predictor.size)
     with atomic_path(out_path) as tmp:
@@ -155,13 +155,26 @@ def _verify(model: torch.nn.Module, path: Path, channels: int, size: int) -> flo
     return diff
 
 
+_MAP_TAIL = (", set to zero outside the foreground (Otsu threshold, largest components, holes filled, eroded by "
+             "anomaly.erode pixels), median filtered (anomaly.median_size) at the model size, then resized back "
+             "to the image's size (bilinear, align_corners=False, no antialiasing)")
+
+
+def output_name_of(predictor: Predictor) -> str:
+    """'logits' for a segmenting network (supervised, or anomaly method 'synthetic'), else 'reconstruction'."""
+    if predictor.task == "anomaly" and predictor.anomaly is not None and predictor.anomaly.method == "synthetic":
+        return "logits"
+    return OUTPUT_NAMES[predictor.task]
+
+
 def describe(predictor: Predictor, onnx_path: Path, opset: int, output_name: str, sha256: str,
              max_diff: float) -> dict[str, Any]:
     """The sidecar: everything another runtime needs to reproduce ``Predictor.scores``."""
     meta, c, s = predictor.meta, predictor.channels, predictor.size
     supervised = predictor.task == "supervised"
     tta = bool(meta["input"].get("tta", False)) and supervised
-    out_channels = 1 if supervised else c
+    segmenter = output_name == "logits"  # supervised, or the anomaly method 'synthetic'
+    out_channels = 1 if segmenter else c
     doc: dict[str, Any] = {
         "format": "medanomaly-onnx",
         "medanomaly_version": __version__,
@@ -184,6 +197,7 @@ def describe(predictor: Predictor, onnx_path: Path, opset: int, output_name: str
         "output": {
             "name": output_name, "shape": ["N", out_channels, s, s], "dtype": "float32",
             "meaning": ("logits of the lesion class: sigmoid(logits) is the lesion probability" if supervised
+                        else "logits of the anomaly class: sigmoid(logits) is the anomaly probability" if segmenter
                         else "reconstruction of the input in normalised units (what normal tissue would look like)"),
         },
         "tta": tta,
@@ -191,6 +205,7 @@ def describe(predictor: Predictor, onnx_path: Path, opset: int, output_name: str
                    "left-right flip of the last axis (test-time augmentation, 'tta')" if tta else
                    "probability = sigmoid(logits)") + ", resized back to the image's size (bilinear, "
                   "align_corners=False, no antialiasing)" if supervised else
+                  "anomaly map = sigmoid(logits)" + _MAP_TAIL if segmenter else
                   "anomaly map = |image - reconstruction| averaged over channels, set to zero outside the "
                   "foreground (Otsu threshold, largest components, holes filled, eroded by anomaly.erode "
                   "pixels), median filtered (anomaly.median_size) at the model size, then resized back to the "
@@ -236,7 +251,7 @@ def load_session(onnx_path: Path, predictor: Predictor, threads: int | None = No
     session = new_session(onnx_path, threads)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     want = [predictor.channels, predictor.size, predictor.size]
-    expected_output = OUTPUT_NAMES[predictor.task]
+    expected_output = output_name_of(predictor)
     if len(inputs) != 1 or list(inputs[0].shape[1:]) != want or [o.name for o in outputs] != [expected_output]:
         raise MedanomalyError(f"{onnx_path} (input {[i.shape for i in inputs]}, outputs {[o.name for o in outputs]}) "
                               f"does not match {predictor.model_dir}/model.json (input [N, {', '.join(map(str, want))}], "

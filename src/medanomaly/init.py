@@ -2,8 +2,9 @@
 
 ``PATH`` is a medanomaly model directory (for example one written by ``medanomaly pretrain`` or an
 anomaly model, which is a self-supervised model of normal anatomy) or a ``.pt``/``.pth`` file holding
-a plain state dict. Tensors whose name and shape match the new network are loaded; the others are
-listed by name in the log; a file with no matching tensor is an error.
+a plain state dict, such as a torchvision ResNet-18/34 state dict for ``--encoder resnet18|resnet34``
+(:mod:`medanomaly.resnet_unet` uses torchvision's names). Tensors whose name and shape match the new
+network are loaded; the others are listed by name in the log; a file with no matching tensor is an error.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 from medanomaly.errors import MedanomalyError
 
 log = logging.getLogger(__name__)
-ENCODER_PREFIXES = ("encoders.", "downs.")  # the U-Net's contracting path (see models.UNet)
+# the contracting path: of models.UNet, and of resnet_unet.ResNetUNet (torchvision's ResNet names)
+ENCODER_PREFIXES = ("encoders.", "downs.", "conv1.", "bn1.", "layer1.", "layer2.", "layer3.", "layer4.")
 
 
 def read_state_dict(path: str | Path) -> tuple[dict[str, torch.Tensor], Path]:
@@ -51,7 +53,8 @@ def load_matching(model: torch.nn.Module, path: str | Path) -> dict[str, list[st
     if not loaded:
         raise MedanomalyError(f"--init {file}: none of its {len(state)} tensors matches this network by name and "
                               f"shape (e.g. {sorted(state)[:3]}); it is another architecture, width or depth: "
-                              "use weights of a medanomaly model with the same --width/--depth")
+                              "use weights of a medanomaly model with the same --width/--depth, or a torchvision "
+                              "ResNet-18/34 state dict with --encoder resnet18/resnet34")
     model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     report = {"loaded": loaded, "shape_mismatch": mismatch, "missing": [k for k in own if k not in state],
               "unused": [k for k in state if k not in own]}
@@ -69,4 +72,5 @@ def set_encoder_trainable(model: torch.nn.Module, trainable: bool) -> int:
         if name.startswith(ENCODER_PREFIXES):
             p.requires_grad_(trainable)
             n += p.numel()
+    model.train(model.training)  # a model may switch the normalisation of frozen layers (ResNetUNet.train)
     return n

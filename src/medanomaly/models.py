@@ -2,7 +2,9 @@
 
 Variants are parameters, not subclasses: ``dim`` (2 or 3), ``depth`` (number of
 down-sampling steps), ``width`` (channels of the first level, doubled at each level up to
-``max_width``) and ``norm`` (a key of :data:`NORMS`).
+``max_width``), ``norm`` (a key of :data:`NORMS`) and ``encoder`` (a key of :data:`ENCODERS`:
+"plain" is the U-Net below; "resnet18"/"resnet34" is :class:`medanomaly.resnet_unet.ResNetUNet`,
+2D only, whose encoder loads torchvision weights; :func:`build_model` picks).
 
 The diagram (depth 4, width w)::
 
@@ -26,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medanomaly.errors import MedanomalyError
+
 NORMS = ("batch", "instance", "group", "none")
+ENCODERS = ("plain", "resnet18", "resnet34")
+
+
+class ConfigError(MedanomalyError, ValueError):
+    """An architecture that cannot be built: a ValueError for library callers, one clear message for users."""
 
 
 @dataclass(frozen=True)
@@ -41,6 +50,14 @@ class UNetConfig:
     max_width: int = 320
     norm: str = "batch"
     dropout: float = 0.0
+    encoder: str = "plain"  # a key of ENCODERS; model.json files without it are "plain"
+
+    def __post_init__(self) -> None:
+        if self.encoder not in ENCODERS:
+            raise ConfigError(f"unknown encoder {self.encoder!r}; valid: {', '.join(ENCODERS)}")
+        if self.encoder != "plain" and self.dim != 2:
+            raise ConfigError(f"encoder {self.encoder!r} is 2D only (dim=2), got dim={self.dim}; "
+                              "use encoder 'plain' for 3D networks")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -134,9 +151,14 @@ def _pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(x, pads, mode=mode)
 
 
-def build_model(config: UNetConfig) -> UNet:
-    """The model registry's one entry point (architecture variants are config values)."""
-    return UNet(config)
+def build_model(config: UNetConfig) -> nn.Module:
+    """The model registry's one entry point (architecture variants are config values):
+    :class:`UNet` for encoder "plain", :class:`medanomaly.resnet_unet.ResNetUNet` otherwise."""
+    if config.encoder == "plain":
+        return UNet(config)
+    from medanomaly.resnet_unet import ResNetUNet
+
+    return ResNetUNet(config)
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from medanomaly import __version__
-from medanomaly.anomaly import AnomalyConfig, residual_map
+from medanomaly.anomaly import AnomalyConfig, output_channels, residual_map
 from medanomaly.data import is_mask_file, normalize, resize, to_slices
 from medanomaly.errors import MedanomalyError
 from medanomaly.io import IMAGE_SUFFIXES, Image, full_suffix, is_dicom_series_dir, read_image, stem_of, write_mask, write_score
-from medanomaly.models import UNet, UNetConfig
+from medanomaly.models import UNet, UNetConfig, build_model
 from medanomaly.postprocess import PostprocessParams, apply, region_table
 from medanomaly.runtime import autocast, choose_precision
 
@@ -63,7 +63,8 @@ def _check_spec(meta: dict) -> None:
         return
     if spec["channels"] != net["in_channels"]:
         raise ValueError(f"input.channels is {spec['channels']} but model.in_channels is {net['in_channels']}")
-    expected_out = net["in_channels"] if task == "anomaly" else 1
+    method = meta.get("anomaly", {}).get("method", "denoise")
+    expected_out = output_channels(method, net["in_channels"]) if task == "anomaly" else 1
     if net["out_channels"] != expected_out:
         raise ValueError(f"model.out_channels is {net['out_channels']}; a {task} model has {expected_out}")
 
@@ -136,9 +137,15 @@ class Predictor:
         with autocast(self.device, self.precision):
             return self.model(x)
 
+    def network_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Anomaly task: (N, C, S, S) -> the reconstruction (N, C, S, S), or for method synthetic
+        the anomaly probability (N, 1, S, S); float32 on the CPU."""
+        out = self._forward(x).float()
+        return (torch.sigmoid(out) if self.anomaly.method == "synthetic" else out).cpu()
+
     def _anomaly_map(self, x: torch.Tensor) -> torch.Tensor:
         """(N, C, S, S) normalised slices -> (N, 1, S, S) residual maps at the model size."""
-        recon = None if self.model is None else self._forward(x).float().cpu().numpy()
+        recon = None if self.model is None else self.network_output(x).numpy()
         xs = x.numpy()
         maps = [residual_map(xs[k], None if recon is None else recon[k], self.anomaly) for k in range(len(xs))]
         return torch.from_numpy(np.stack(maps)[:, None])
@@ -174,7 +181,7 @@ def load_weights(model_dir: Path, cfg: UNetConfig, device: torch.device) -> UNet
         raise MedanomalyError(f"cannot read weights {path} ({type(exc).__name__}: {_first_line(exc)}); the file is "
                               "truncated or damaged: restore it or retrain") from exc
     try:
-        model = UNet(cfg)
+        model = build_model(cfg)
         model.load_state_dict(state)
     except Exception as exc:  # weights of another architecture, or not a state dict
         raise MedanomalyError(f"the weights {path} do not fit the network described in {model_dir / 'model.json'} "

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
@@ -50,3 +51,48 @@ class MeanTeacher:
         with autocast():
             pred = torch.sigmoid(student(x + noise).float())
         return self.ramp(step) * ((pred - target) ** 2).mean()
+
+
+UNLABELLED_METHODS = ("auto", "mean-teacher", "pretrain", "pretrain+mean-teacher")
+# what `train --unlabelled` does unless told otherwise: the remedy that measured best with few labels
+# (bench/label_efficiency.py, README "Learning from few labels")
+DEFAULT_UNLABELLED_METHOD = "pretrain"
+
+
+def resolve_method(method: str) -> str:
+    """``auto`` -> :data:`DEFAULT_UNLABELLED_METHOD`; unknown names are an error listing the valid ones."""
+    from medanomaly.errors import MedanomalyError
+
+    if method not in UNLABELLED_METHODS:
+        raise MedanomalyError(f"unknown unlabelled method {method!r}; valid: {', '.join(UNLABELLED_METHODS)}")
+    return DEFAULT_UNLABELLED_METHOD if method == "auto" else method
+
+
+def pretrain_unlabelled(cfg, data: Path, out: Path, splits: dict[str, list[str]], device: str,
+                        progress: bool) -> Path:
+    """Self-supervised pretraining (the coarse-noise denoising of ``medanomaly pretrain``, masks
+    ignored) on the labelled training images plus the unlabelled ones, for ``cfg.pretrain_share`` of
+    the time budget, same architecture; writes ``out/pretrain`` (a model directory) and returns it.
+
+    ``cfg.unlabelled`` is a folder (pretrained on alone, split by case with the run's seed) or the
+    name of a list of case ids in ``splits`` (pretrained on train + that list, validated on val).
+    """
+    import json
+    from dataclasses import replace
+
+    from medanomaly.atomic import atomic_write_text
+    from medanomaly.train import train
+
+    target = out / "pretrain"
+    if (target / "model.json").exists():  # a resumed run that had finished its pretraining
+        return target
+    anomaly = replace(cfg.anomaly, method="denoise", normal_only=False, select_map_on_val=False)
+    pre = replace(cfg, task="anomaly", anomaly=anomaly, unlabelled=None, extra=None, init=None, synthetic_lesions=0.0,
+                  max_minutes=cfg.max_minutes * cfg.pretrain_share, epochs=max(1, round(cfg.epochs * cfg.pretrain_share)))
+    source, splits_file = Path(cfg.unlabelled), None
+    if not source.exists():  # a list of the split file: pretrain on train + that list
+        source, splits_file = data, out / "pretrain-splits.json"
+        atomic_write_text(splits_file, json.dumps({"train": splits["train"] + splits[cfg.unlabelled],
+                                                   "val": splits["val"], "test": splits.get("test", [])}))
+    train(source, target, pre, splits_file, device=device, progress=progress)
+    return target

@@ -59,12 +59,9 @@ def paste_lesion(image: torch.Tensor, stats: LesionStats, gen: torch.Generator,
     """
     c, h, w = image.shape
     grey = image.float().mean(0)
-    fg = torch.nonzero(grey > 0.1)
-    if len(fg) == 0:
+    shape = _placed_shape(grey > 0.1, gen)
+    if shape is None:
         return image.clone(), torch.zeros(1, h, w)
-    cy, cx = fg[torch.randint(len(fg), (1,), generator=gen)][0].tolist()
-    shape = random_shape((h, w), gen)
-    shape = torch.roll(shape, shifts=(cy - h // 2, cx - w // 2), dims=(0, 1)) & (grey > 0.1)
     alpha = _ramp(shape, ramp)
     texture = F.interpolate(torch.randn(1, 1, h // 8 + 1, w // 8 + 1, generator=gen), size=(h, w), mode="bilinear",
                             align_corners=False)[0, 0]
@@ -72,6 +69,61 @@ def paste_lesion(image: torch.Tensor, stats: LesionStats, gen: torch.Generator,
     fill = level + stats.std * texture
     out = image.float() * (1 - alpha) + fill * alpha
     return out.to(image.dtype), shape.float()[None]
+
+
+def _placed_shape(valid: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
+    """(H, W) bool: a random shape centred on a random pixel of ``valid`` (H, W) and cut to it;
+    None where ``valid`` is empty."""
+    h, w = valid.shape
+    where = torch.nonzero(valid)
+    if len(where) == 0:
+        return None
+    cy, cx = where[torch.randint(len(where), (1,), generator=gen)][0].tolist()
+    shape = random_shape((h, w), gen)
+    return torch.roll(shape, shifts=(cy - h // 2, cx - w // 2), dims=(0, 1)) & valid
+
+
+def paste_anomaly(image: torch.Tensor, fg: torch.Tensor, donor: torch.Tensor, gen: torch.Generator,
+                  ramp: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """A self-supervised anomaly for the anomaly task (no real lesion is ever seen): a random
+    shape inside the foreground ``fg`` (1, H, W) of ``image`` (C, H, W) is replaced, with a soft
+    border, either by the same region of another normal image ``donor`` (C, H, W) (Foreign Patch
+    Interpolation, Tan et al. 2020) or by a brighter/darker textured fill (a lesion-like intensity
+    change, as DRAEM's texture anomalies). Returns (new image, mask (1, H, W) float); pixels outside
+    the mask are unchanged.
+    """
+    c, h, w = image.shape
+    shape = _placed_shape(fg[0] > 0.5, gen)
+    if shape is None:
+        return image.clone(), torch.zeros(1, h, w)
+    u = torch.rand(4, generator=gen)
+    alpha = _ramp(shape, ramp) * (0.5 + 0.5 * u[0])  # peak opacity 0.5..1: faint anomalies too
+    if u[1] < 0.5:  # foreign patch: anatomy of another slice where it does not belong
+        fill = donor.float()
+    else:  # intensity change of 0.15..0.6 (normalised units), up or down, with a coarse texture
+        texture = F.interpolate(torch.randn(1, 1, h // 8 + 1, w // 8 + 1, generator=gen), size=(h, w),
+                                mode="bilinear", align_corners=False)[0]
+        level = float(image.float().mean(0)[shape].mean()) + (0.15 + 0.45 * float(u[2])) * (1 if u[3] < 0.7 else -1)
+        fill = level + 0.08 * texture
+    out = image.float() * (1 - alpha) + fill * alpha
+    out = torch.where(shape[None], out, image.float())  # outside the mask exactly as before
+    return out.to(image.dtype), shape.float()[None]
+
+
+def add_synthetic_anomalies(images: torch.Tensor, fg: torch.Tensor, p: float,
+                            gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """With probability ``p`` per sample, :func:`paste_anomaly` (donor: another sample of the batch).
+
+    images (N, C, H, W), fg (N, 1, H, W) foreground -> (images, anomaly masks (N, 1, H, W)); new tensors.
+    """
+    out, masks = images.clone(), torch.zeros(images.shape[0], 1, *images.shape[2:])
+    n = images.shape[0]
+    for i in range(n):
+        if float(torch.rand(1, generator=gen)) >= p:
+            continue
+        donor = images[(i + 1 + int(torch.randint(max(1, n - 1), (1,), generator=gen))) % n]
+        out[i], masks[i] = paste_anomaly(images[i], fg[i], donor, gen)
+    return out, masks
 
 
 def _ramp(shape: torch.Tensor, ramp: int) -> torch.Tensor:

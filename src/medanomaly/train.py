@@ -21,10 +21,12 @@ import torch
 
 from medanomaly import config as config_mod
 from medanomaly.atomic import atomic_torch_save, atomic_write_text
+from medanomaly.anomaly import output_channels
 from medanomaly.augment import augment_batch
 from medanomaly.config import TrainConfig
 from medanomaly.data import SliceSet, discover, load_slices, resolve_splits
 from medanomaly.errors import MedanomalyError
+from medanomaly.fewlabels import Extras, build_extras, load_extra, pretrain_first, unlabelled_samples
 from medanomaly.init import load_matching, read_state_dict, set_encoder_trainable
 from medanomaly.losses import get_loss
 from medanomaly.metrics import Stats, dice
@@ -78,15 +80,16 @@ def batch_indices(train: SliceSet, cfg: TrainConfig, gen: torch.Generator) -> li
 @torch.no_grad()
 def validate_anomaly(model: UNet, val: SliceSet, cfg: TrainConfig, precision: str, device: torch.device,
                      batch: int = 32) -> tuple[float, float]:
-    """(mean denoising loss, its negative as the score to maximise) on normal validation slices;
-    the noise is drawn from a fixed seed so epochs are compared on the same corruption."""
-    from medanomaly.anomaly import denoise_loss
+    """(mean loss, its negative as the score to maximise) on normal validation slices: denoising,
+    or segmenting pasted anomalies (method synthetic); the corruption is drawn from a fixed seed
+    so epochs are compared on the same one."""
+    from medanomaly.anomaly import anomaly_loss
 
     model.eval()
     gen, total = torch.Generator().manual_seed(12345), 0.0
     for i in range(0, len(val), batch):
         x, fg = val.images[i:i + batch].float().to(device), val.masks[i:i + batch].float().to(device)
-        total += float(denoise_loss(model, x, fg, cfg.anomaly, gen, autocast(device, precision))) * len(x)
+        total += float(anomaly_loss(model, x, fg, cfg.anomaly, gen, autocast(device, precision))) * len(x)
     loss = total / max(1, len(val))
     return loss, -loss
 
@@ -125,15 +128,6 @@ def _append_metrics(path: Path, row: dict) -> None:
         if new:
             writer.writeheader()
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
-
-
-@dataclass
-class Extras:
-    """Optional parts of a supervised step: synthetic lesions and the mean teacher's unlabelled data."""
-
-    lesion_stats: object | None = None  # synthetic.LesionStats
-    teacher: object | None = None  # semisup.MeanTeacher
-    unlabelled: SliceSet | None = None
 
 
 @dataclass
@@ -209,7 +203,11 @@ def normal_only(slices: SliceSet, data: Path, split: str) -> SliceSet:
 
 
 def prepare(data: Path, out: Path, cfg: TrainConfig, splits_file, progress: bool) -> tuple[SliceSet, SliceSet, dict]:
-    """Discover, split by case, load train and val slices; write splits.json and config.json."""
+    """Discover, split by case, load train and val slices (plus ``cfg.extra`` pairs, appended to
+    the training slices only); write splits.json and config.json."""
+    if cfg.extra and cfg.task != "supervised":
+        raise MedanomalyError(f"--extra {cfg.extra} adds image/mask pairs to supervised training; the anomaly task "
+                              "learns from normal images only: drop --extra")
     samples = discover(data)
     usable = [s for s in samples if s.mask is not None] if cfg.task == "supervised" else samples
     if not usable:
@@ -223,6 +221,10 @@ def prepare(data: Path, out: Path, cfg: TrainConfig, splits_file, progress: bool
     with_masks = True if cfg.task == "supervised" else (None if cfg.anomaly.normal_only else False)
     train = load_slices(parts["train"], cfg.size, cfg.normalization, with_masks, progress=progress)
     val = load_slices(parts["val"], cfg.size, cfg.normalization, with_masks, progress=progress)
+    if cfg.extra:  # never val/test: the extra pairs only add training slices
+        from medanomaly.data import concat_slices
+
+        train = concat_slices(train, load_extra(cfg, data, parts, train.images.shape[1], progress))
     if cfg.task == "anomaly":
         train, val = normal_only(train, data, "train"), normal_only(val, data, "val")
     elif int(train.masks.sum()) == 0:
@@ -252,14 +254,17 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     _remove_stale_temp_files(out)
     if cfg.init and not resume:
         read_state_dict(cfg.init)  # a bad --init fails before minutes of data loading
-    train_set, val_set, _ = prepare(data, out, cfg, splits_file, progress)
+    train_set, val_set, splits = prepare(data, out, cfg, splits_file, progress)
     in_ch = train_set.images.shape[1]
+    if cfg.task == "supervised" and cfg.unlabelled and not resume:
+        unlabelled_samples(cfg, data, train_set, splits)  # a bad source fails before any pretraining
+        cfg = pretrain_first(cfg, data, out, splits, device, progress)
     if cfg.task == "anomaly" and cfg.anomaly.method == "intensity":  # a baseline: nothing to train
         calibrate_and_save(out, cfg, data, in_ch, -1, float("nan"), device=torch.device(device), progress=progress)
         return TrainResult(out, -1, float("nan"), 0, 0.0)
     set_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    out_ch = in_ch if cfg.task == "anomaly" else 1  # a reconstruction, or lesion logits
+    out_ch = output_channels(cfg.anomaly.method, in_ch) if cfg.task == "anomaly" else 1  # reconstruction or logits
     model = build_model(replace(cfg.model, in_channels=in_ch, out_channels=out_ch)).to(dev)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -275,7 +280,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
         state = RunState()
         (out / "metrics.csv").unlink(missing_ok=True)
     budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
-    extras = _extras(cfg, data, train_set, model, ckpt_path if resume else None, progress)
+    extras = build_extras(cfg, data, train_set, model, ckpt_path if resume else None, progress, splits)
     log.info("training on %d slices (%d val), %s, precision %s, budget %.1f min",
              len(train_set), len(val_set), device, precision, cfg.max_minutes)
     for epoch in range(state.epoch + 1, cfg.epochs):
@@ -322,11 +327,11 @@ def _step_loss(model, images: torch.Tensor, masks: torch.Tensor, cfg: TrainConfi
     """Loss of one batch: segmentation loss on logits, or (anomaly) the denoising loss, where
     ``masks`` are foreground masks and intensity augmentation is off (it would redefine normal)."""
     if cfg.task == "anomaly":
-        from medanomaly.anomaly import denoise_loss
+        from medanomaly.anomaly import anomaly_loss
 
         aug = replace(cfg.augment, p_gamma=0.0, p_contrast=0.0, p_noise=0.0)
         x, fg = augment_batch(images, masks, aug, gen)
-        return denoise_loss(model, x.to(dev), fg.to(dev), cfg.anomaly, gen, autocast(dev, precision))
+        return anomaly_loss(model, x.to(dev), fg.to(dev), cfg.anomaly, gen, autocast(dev, precision))
     extras = extras or Extras()
     if cfg.synthetic_lesions > 0 and extras.lesion_stats is not None:
         from medanomaly.synthetic import add_synthetic_lesions
@@ -399,52 +404,3 @@ def _check_init_channels(init: str, in_channels: int) -> None:
     if theirs is not None and theirs != in_channels:
         raise MedanomalyError(f"--init {init} was trained on {theirs}-channel images but these have {in_channels}; "
                               "use a model of the same modality/channels")
-
-
-def _extras(cfg: TrainConfig, data: Path, train_set: SliceSet, model, resume_from: Path | None,
-            progress: bool) -> Extras:
-    """Synthetic-lesion statistics and the mean teacher with its unlabelled images, where asked for."""
-    extras = Extras()
-    if cfg.task != "supervised":
-        return extras
-    if cfg.synthetic_lesions > 0:  # intensities of the real training lesions
-        from medanomaly.synthetic import LesionStats
-
-        extras.lesion_stats = LesionStats.from_slices(train_set.images, train_set.masks)
-        log.info("synthetic lesions with p=%.2f, from real lesions: %s", cfg.synthetic_lesions, extras.lesion_stats)
-    if cfg.unlabelled:
-        from medanomaly.semisup import MeanTeacher
-
-        extras.unlabelled = load_unlabelled(cfg, data, train_set, progress)
-        steps = max(1, len(train_set) // cfg.batch_size)
-        extras.teacher = MeanTeacher(model, cfg.ema_decay, cfg.consistency_weight, rampup_steps=5 * steps)
-        if resume_from is not None:
-            st = load_state(resume_from)
-            if "teacher" in st:
-                extras.teacher.teacher.load_state_dict(st["teacher"])
-        log.info("mean teacher on %d unlabelled slices", len(extras.unlabelled))
-    return extras
-
-
-def load_unlabelled(cfg: TrainConfig, data: Path, train_set: SliceSet, progress: bool) -> SliceSet:
-    """The images of ``cfg.unlabelled`` (a folder, or a split name of DATA's splits.json), masks
-    ignored; refused when empty or when it holds the labelled training images themselves."""
-    source = Path(cfg.unlabelled)
-    if source.exists():
-        samples = discover(source)
-    else:
-        splits_file = data / "splits.json"
-        names = json.loads(splits_file.read_text()) if splits_file.is_file() else {}
-        if cfg.unlabelled not in names:
-            raise MedanomalyError(f"--unlabelled {cfg.unlabelled}: neither a folder nor a split of {splits_file} "
-                                  f"(splits there: {sorted(names)}); pass a folder of images without masks")
-        cases = set(names[cfg.unlabelled])
-        samples = [s for s in discover(data) if s.case in cases]
-    if not samples:
-        raise MedanomalyError(f"--unlabelled {cfg.unlabelled} holds no images")
-    labelled = {p.resolve() for p in train_set.sources}
-    overlap = [s.image for s in samples if s.image.resolve() in labelled]
-    if overlap:
-        raise MedanomalyError(f"--unlabelled {cfg.unlabelled} holds {len(overlap)} of the labelled training images "
-                              f"(e.g. {overlap[0]}); give images that are not in the training split")
-    return load_slices(samples, cfg.size, cfg.normalization, with_masks=False, progress=progress)

@@ -1,0 +1,226 @@
+"""The planner: fingerprints of small hand-checkable folders, the plan's rules, plan.json, and
+`medanomaly plan` + a tiny `train --plan` on the real data sets."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image as PILImage
+
+from medanomaly import config
+from medanomaly.cli import main
+from medanomaly.errors import MedanomalyError
+from medanomaly.plan import (DataFingerprint, MachineInfo, fingerprint, for_run, load_plan, make_plan,
+                             save_plan)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+CPU2 = MachineInfo(cores=2, memory_gib=16.0, bf16=True)
+
+
+def _png(path: Path, shape: tuple[int, ...], lesion: int | None = None) -> None:
+    """An 8-bit image (a bright disc on black) and, with ``lesion``, a mask of that many pixels."""
+    h, w = shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    disc = ((yy - h / 2) ** 2 + (xx - w / 2) ** 2 < (min(h, w) / 3) ** 2) * 200
+    img = np.stack([disc] * shape[2], -1) if len(shape) == 3 else disc
+    PILImage.fromarray(img.astype(np.uint8)).save(path)
+    if lesion is not None:
+        m = np.zeros((h, w), np.uint8)
+        m.flat[:lesion] = 255
+        PILImage.fromarray(m).save(path.with_name(path.stem + "_mask.png"))
+
+
+def _nifti(path: Path, zyx: tuple[int, int, int], spacing_zyx: tuple[float, float, float]) -> None:
+    data = np.random.default_rng(0).normal(100, 10, zyx[::-1]).astype(np.float32)  # stored (X, Y, Z)
+    nib.save(nib.Nifti1Image(data, np.diag([*spacing_zyx[::-1], 1.0])), str(path))
+
+
+def _lgg_like(**changes) -> DataFingerprint:
+    """The fingerprint of lgg-flair (80 patients, 256x256 8-bit FLAIR, lesion in 38 % of slices)."""
+    fp = DataFingerprint("lgg", 80, 3009, 3009, 3009, 2363, 2363, 333, 100, False, (256, 256), None, 1, ("raster",),
+                         True, {"p0.5": 0, "p50": 5, "p99.5": 154, "mean": 21, "std": 31}, 0.33, 0.011, 0.38, True)
+    return replace(fp, **changes)
+
+
+def test_fingerprint_of_a_small_png_folder(tmp_path):
+    for i, (shape, lesion) in enumerate([((32, 48), 40), ((32, 48), 0), ((48, 64), 100)]):
+        _png(tmp_path / f"case{i}.png", shape, lesion)
+    _png(tmp_path / "unlabelled.png", (64, 64))
+    fp_all = fingerprint(tmp_path)
+    assert (fp_all.n_images, fp_all.n_labelled, fp_all.median_shape) == (4, 3, (40, 56))
+    fp = fingerprint(tmp_path, labelled_only=True)  # what supervised training uses
+    assert (fp.n_cases, fp.n_images, fp.n_labelled, fp.n_slices, fp.n_sampled) == (3, 3, 3, 3, 3)
+    assert fp.median_shape == (32, 48) and fp.median_spacing is None and not fp.is_3d
+    assert fp.channels == 1 and fp.eight_bit and fp.has_masks and fp.kinds == ("raster",)
+    assert fp.class_ratio == pytest.approx(140 / (2 * 32 * 48 + 48 * 64))
+    assert fp.lesion_slice_fraction == pytest.approx(2 / 3)
+    assert fp.n_train_slices + fp.n_val_slices <= 3 and 0 < fp.foreground_ratio < 1
+    assert fp.intensity["p0.5"] == 0 and fp.intensity["p99.5"] == 200
+
+
+def test_fingerprint_rgb_and_no_masks(tmp_path):
+    for i in range(3):
+        _png(tmp_path / f"skin{i}.png", (40, 40, 3))
+    fp = fingerprint(tmp_path)
+    assert fp.channels == 3 and not fp.has_masks and fp.class_ratio is None and fp.lesion_slice_fraction is None
+    with pytest.raises(MedanomalyError, match="--task"):
+        make_plan(fp, CPU2, 25, "supervised")
+    assert make_plan(fp, CPU2, 25, "anomaly").positive_fraction is None
+
+
+def test_isotropic_volumes_recommend_3d_anisotropic_2d(tmp_path):
+    iso, aniso = tmp_path / "iso", tmp_path / "aniso"
+    iso.mkdir(), aniso.mkdir()
+    for i in range(2):
+        _nifti(iso / f"v{i}.nii.gz", (48, 48, 48), (1.0, 1.0, 1.0))
+        _nifti(aniso / f"v{i}.nii.gz", (24, 96, 96), (3.0, 1.0, 1.0))  # 3:1 spacing, 24 slices
+    fp_iso, fp_aniso = fingerprint(iso), fingerprint(aniso)
+    assert fp_iso.is_3d and fp_iso.median_shape == (48, 48, 48) and fp_iso.median_spacing == (1.0, 1.0, 1.0)
+    assert fp_aniso.median_spacing == (3.0, 1.0, 1.0) and fp_aniso.n_slices == 48
+    p_iso, p_aniso = make_plan(fp_iso, CPU2, 25, "anomaly"), make_plan(fp_aniso, CPU2, 25, "anomaly")
+    assert p_iso.recommended_dim == 3 and any("train --dim 3" in n for n in p_iso.notes)
+    assert p_aniso.recommended_dim == 2 and "anisotropic" in p_aniso.why["dim"]
+    assert p_iso.size == 48 and p_iso.depth == 2 and p_aniso.size == 96 and p_aniso.depth == 3  # 2D trainer's inputs
+    assert p_iso.normalization == "percentile"
+
+
+def test_lgg_plan_reproduces_the_measured_defaults():
+    plan = make_plan(_lgg_like(), CPU2, 25, "supervised")
+    cfg = config.load(None, plan.to_config_overrides())
+    default = config.TrainConfig()
+    assert (cfg.size, cfg.batch_size, cfg.model.width, cfg.model.depth, cfg.model.norm) == (128, 16, 32, 4, "batch")
+    assert (cfg.normalization, cfg.positive_fraction, cfg.max_minutes) == (default.normalization, 0.5, 25.0)
+    assert 15 <= plan.epochs_estimate <= 25  # the measured run: 18 epochs in 25 minutes
+    assert "setting" in plan.table() and "model.width" in plan.table()
+
+
+def test_plan_rules_memory_time_gpu_ct():
+    roomy, small = make_plan(_lgg_like(), CPU2, 25), make_plan(_lgg_like(), replace(CPU2, memory_gib=1.0), 25)
+    assert small.batch_size < roomy.batch_size and small.norm == "instance"  # batch norm needs >= 8
+    with pytest.raises(MedanomalyError, match="memory"):
+        make_plan(_lgg_like(), replace(CPU2, memory_gib=0.05), 25)
+    quick = make_plan(_lgg_like(), CPU2, 5)
+    assert quick.size < 128 and quick.size >= 64 and quick.epochs < roomy.epochs  # a short budget: smaller inputs
+    fp32 = make_plan(_lgg_like(), replace(CPU2, bf16=False), 25)
+    assert fp32.size < roomy.size  # 3.6x slower without bf16: smaller inputs fit the budget
+    gpu = make_plan(_lgg_like(), replace(CPU2, gpu="Test GPU", gpu_memory_gib=80.0), 25)
+    assert gpu.width == 64 and gpu.size == 256 and gpu.depth == 5 and gpu.batch_size <= 64
+    few = make_plan(_lgg_like(n_train_labelled=100, n_train_slices=100), CPU2, 25)
+    assert few.batch_size == 8  # at most 5 % of the data per batch, but >= 8 for batch norm
+    ct = make_plan(_lgg_like(eight_bit=False, intensity={**_lgg_like().intensity, "p0.5": -1024.0}), CPU2, 25)
+    assert ct.normalization == "ct"
+    most = make_plan(_lgg_like(lesion_slice_fraction=0.9), CPU2, 25)
+    assert most.positive_fraction == 0.0
+
+
+def test_plan_json_round_trip_and_bad_file(tmp_path):
+    plan = make_plan(_lgg_like(), CPU2, 25)
+    path = save_plan(plan, tmp_path / "plan.json")
+    assert load_plan(path) == plan
+    (tmp_path / "bad.json").write_text(json.dumps({"version": 99}))
+    with pytest.raises(MedanomalyError, match="medanomaly plan"):
+        load_plan(tmp_path / "bad.json")
+
+
+def test_precedence_defaults_plan_config_flags(tmp_path):
+    plan = make_plan(_lgg_like(), CPU2, 25)
+    path = save_plan(plan, tmp_path / "plan.json")
+    cfg_file = tmp_path / "cfg.json"
+    cfg_file.write_text(json.dumps({"size": 96, "model": {"depth": 3}}))
+    flags = {"batch_size": 4, "max_minutes": 50.0, "lr": None}
+    _, overrides = for_run(tmp_path, None, path, cfg_file, flags)
+    cfg = config.load(cfg_file, overrides)
+    assert (cfg.size, cfg.model.depth) == (96, 3)  # the config file beats the plan
+    assert (cfg.batch_size, cfg.max_minutes) == (4, 50.0)  # flags beat both
+    assert cfg.model.width == plan.width and cfg.epochs == math.ceil(plan.epochs * 2)  # epochs follow the budget
+    _, overrides = for_run(tmp_path, None, path, None, {"init": "pretrained"})
+    assert "model.width" not in overrides and overrides["size"] == plan.size  # --init keeps its architecture
+
+
+def test_train_makes_a_plan_by_default_and_no_plan_keeps_defaults(tmp_path):
+    data = tmp_path / "data"
+    for c in range(4):
+        (data / f"c{c}").mkdir(parents=True)
+        for k in range(3):
+            _png(data / f"c{c}" / f"c{c}_{k}.png", (32, 32), 30 * k)
+    (data / "splits.json").write_text(json.dumps({"train": ["c0", "c1"], "val": ["c2"], "test": ["c3"]}))
+    tiny = ["--epochs", "1", "--width", "4", "--device", "cpu"]
+    assert main(["-q", "train", str(data), "--out", str(tmp_path / "m"), *tiny]) == 0
+    cfg, saved = json.loads((tmp_path / "m" / "config.json").read_text()), load_plan(tmp_path / "m" / "plan.json")
+    assert cfg["size"] == saved.size == 32 and cfg["model"]["depth"] == saved.depth == 2 and cfg["model"]["width"] == 4
+    assert cfg["batch_size"] == saved.batch_size == 6  # all 6 training slices
+    assert main(["-q", "train", str(data), "--out", str(tmp_path / "d"), "--no-plan", *tiny]) == 0
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["size"] == 128 and cfg["batch_size"] == 16 and not (tmp_path / "d" / "plan.json").exists()
+
+
+def _link_subset(src: Path, dst: Path, files: list[Path]) -> None:
+    for f in files:
+        target = dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.symlink_to(f)
+
+
+def _lgg_subset(dst: Path) -> Path:
+    """Three real LGG patients, three slices each (two with tumour)."""
+    root, splits = DATA / "lgg-flair", json.loads((DATA / "lgg-flair" / "splits.json").read_text())
+    patients = {"train": splits["train"][:2], "val": splits["val"][:1], "test": []}
+    for p in patients["train"] + patients["val"]:
+        masks = sorted((root / p).glob("*_mask.png"), key=lambda m: int(m.stem.split("_")[-2]))
+        chosen = dict.fromkeys([m for m in masks if np.asarray(PILImage.open(m)).any()][:2] + masks[:1])
+        _link_subset(root, dst, [f for m in chosen for f in (m, m.with_name(m.name.replace("_mask", "_flair")))])
+    (dst / "splits.json").write_text(json.dumps(patients))
+    return dst
+
+
+def _ph2_subset(dst: Path) -> Path:
+    """Six real PH2 images with their masks (images/ + masks/): 4 train, 1 val, 1 test by the seeded split."""
+    images = sorted((DATA / "ph2" / "images").iterdir())[:6]
+    _link_subset(DATA / "ph2", dst, images + [DATA / "ph2" / "masks" / (i.stem + ".png") for i in images])
+    return dst
+
+
+def _ixi_subset(dst: Path) -> Path:
+    """Three real IXI volumes cut to six slices each (in-plane size and spacing kept)."""
+    dst.mkdir(parents=True)
+    for v in sorted((DATA / "volumes" / "ixi-t1-healthy").glob("*.nii.gz"))[:3]:
+        img = nib.load(v)
+        nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, 40:46], img.affine, img.header), str(dst / v.name))
+    return dst
+
+
+def _brain_subset(dst: Path) -> Path:
+    """The two labelled NRRD volumes of volumes/ (25 and 23 slices of 6.5 mm, 0.78 mm pixels)."""
+    _link_subset(DATA / "volumes", dst, sorted((DATA / "volumes").glob("brain*.nrrd")))
+    return dst
+
+
+REAL = {"lgg-flair": (DATA / "lgg-flair", _lgg_subset), "ph2": (DATA / "ph2", _ph2_subset),
+        "ixi": (DATA / "volumes" / "ixi-t1-healthy", _ixi_subset), "volumes": (DATA / "volumes", _brain_subset)}
+DIMS = {"lgg-flair": 2, "ph2": 2, "ixi": 3, "volumes": 2}  # volumes: the labelled brains are anisotropic (6.5 mm)
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_cli_plan_on_real_data_then_a_tiny_train_with_it(name, tmp_path, capsys):
+    data, subset = REAL[name]
+    if not data.is_dir():
+        pytest.skip(f"real data {data} not found (../shared/data is absent)")
+    assert main(["-q", "plan", str(data), "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("setting") and "batch_size" in out and "plan written to" in out
+    plan = load_plan(tmp_path / "plan.json")
+    assert plan.task == ("anomaly" if name == "ixi" else "supervised") and plan.recommended_dim == DIMS[name]
+    small = subset(tmp_path / "small")
+    model = tmp_path / "model"
+    assert main(["-q", "train", str(small), "--out", str(model), "--plan", str(tmp_path / "plan.json"),
+                 "--epochs", "1", "--max-minutes", "0.05", "--device", "cpu"]) == 0
+    cfg = json.loads((model / "config.json").read_text())
+    assert (cfg["size"], cfg["batch_size"], cfg["model"]["width"], cfg["model"]["depth"], cfg["task"]) == (
+        plan.size, plan.batch_size, plan.width, plan.depth, plan.task)
+    assert load_plan(model / "plan.json") == plan and (model / "model.json").is_file()
