@@ -6,7 +6,7 @@ for each remedy of `medanomaly train`:
 
     plain        no remedy
     init         --init from `medanomaly pretrain` (coarse-noise denoising on every train image, masks ignored)
-    unlabelled   --unlabelled (mean teacher on the unlabelled patients)
+    unlabelled   --unlabelled --unlabelled-method mean-teacher (the unlabelled patients; none left at 60)
     synthetic    --synthetic-lesions 0.5
     gan          --extra: pairs written by `medanomaly synthesize` (GAN trained on the labelled patients only)
     combo        the remedies whose mean *validation* Dice gain over plain was positive at that size
@@ -53,8 +53,8 @@ def overrides_for(remedies: tuple[str, ...], job: dict) -> dict:
     o: dict = {}
     if "init" in remedies:
         o["init"] = job["pretrain"]
-    if "unlabelled" in remedies:
-        o["unlabelled"] = "unlabelled"  # the list of that name in the run's split file
+    if "unlabelled" in remedies:  # the list of that name in the run's split file; the mean teacher
+        o["unlabelled"], o["unlabelled_method"] = "unlabelled", "mean-teacher"
     if "synthetic" in remedies:
         o["synthetic_lesions"] = 0.5
     if "gan" in remedies:
@@ -129,7 +129,8 @@ def choose_combo(rows: list[dict], n: int) -> tuple[str, ...]:
         vals = [r["val_dice"] for r in rows if r["n"] == n and r["remedy"] == remedy]
         return sum(vals) / len(vals)
 
-    gains = sorted(((val(r) - val("plain"), r) for r in SINGLES if r != "plain"), reverse=True)
+    ran = {r["remedy"] for r in rows if r["n"] == n}
+    gains = sorted(((val(r) - val("plain"), r) for r in SINGLES if r != "plain" and r in ran), reverse=True)
     chosen = [r for g, r in gains if g > 0]
     if len(chosen) < 2:
         chosen = [r for _, r in gains[:2]]
@@ -161,8 +162,9 @@ def plot(summary: list[dict], path: Path, minutes: float) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=120)
     for remedy in (*SINGLES, "combo"):
         rs = sorted((s for s in summary if s["remedy"] == remedy), key=lambda s: s["n"])
         if not rs:
@@ -173,10 +175,11 @@ def plot(summary: list[dict], path: Path, minutes: float) -> None:
         ax.errorbar(x, y, yerr=err, marker="o", capsize=3, label=remedy if remedy != "combo" else
                     "combo (" + ", ".join(sorted({s["remedies"] for s in rs})) + ")")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xticks([s for s in sorted({s["n"] for s in summary})], [str(s) for s in sorted({s["n"] for s in summary})])
     ax.set_xlabel("labelled training patients")
     ax.set_ylabel("mean per-patient Dice (test)")
-    ax.set_title(f"LGG FLAIR: remedies for few labels ({minutes:g} min per run; bars: min..max of 2 seeds)")
+    ax.set_title(f"LGG FLAIR, few labels: {minutes:g} min training per run; bars: min..max of the seeds", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -222,7 +225,8 @@ def main() -> int:
     with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_worker_init, initargs=(args.threads,)) as pool:
         list(pool.map(run_job, prep))
         log.info("pretraining and GANs done (%.1f min)", (time.perf_counter() - t_start) / 60)
-        singles = [job(n, s, r, () if r == "plain" else (r,)) for n in args.sizes for s in args.seeds for r in SINGLES]
+        singles = [job(n, s, r, () if r == "plain" else (r,)) for n in args.sizes for s in args.seeds for r in SINGLES
+                   if r != "unlabelled" or n < len(base["train"])]  # with every patient labelled none is left
         rows = [r for r in pool.map(run_job, singles)]
         log.info("single remedies done (%.1f min)", (time.perf_counter() - t_start) / 60)
         combos = {n: choose_combo(rows, n) for n in args.sizes}

@@ -3,7 +3,12 @@ BasicUNet at the same base width and input size, measured in the same run; infer
 network exported to ONNX and run by ONNX Runtime; achieved GFLOP/s against a large matmul and a
 bf16 convolution; the cost of augmentation.
 
-    python bench/speed.py [--size 128] [--batch 16] [--width 32] [--steps 10]
+    python bench/speed.py [--size 128] [--batch 16] [--width 32] [--steps 10] [--model runs/lgg-default/model]
+
+With --model (a trained 2D model directory) it also measures predict on real LGG slices: the latency
+of one 256x256 slice with the model loaded (read, normalise, resize, network, resize back,
+post-process; median of 20), and streamed `predict_paths` throughput over --predict-n slices written
+to a temporary folder (masks, score maps, overlays).
 
 Prints a markdown table. Numbers vary with the machine and with whatever else runs on it.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -125,12 +131,65 @@ def augment_cost(args) -> float:
     return time_it(lambda: augment_batch(x, m, cfg, gen), args.steps)
 
 
+def bench_3d(args, precision: str, patch=(32, 128, 128), batch: int = 2, width: int = 16) -> dict:
+    """3D U-Net (instance norm, depth 4: what `train --dim 3` plans on a CPU) on batches of patches."""
+    model = UNet(UNetConfig(dim=3, width=width, depth=4, norm="instance"))
+    x = torch.rand(batch, 1, *patch)
+    y = (torch.rand_like(x) > 0.95).float()
+    fwd = flops_of(model, x)
+    model.train()
+    t_train = time_it(train_step_fn(model, x, y, precision), max(2, args.steps // 3), warmup=1)
+    model.eval()
+    t_inf = time_it(infer_fn(model, x, precision), max(2, args.steps // 3), warmup=1)
+    return {"model": f"medanomaly UNet 3D w{width}, patch {'x'.join(map(str, patch))} (patches/s)",
+            "precision": precision, "channels_last": False, "train_img_s": batch / t_train,
+            "infer_img_s": batch / t_inf, "train_gflop_s": 3 * fwd / t_train / 1e9,
+            "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+
+
+LGG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lgg-flair"
+
+
+def predict_rows(model_dir: Path, n: int) -> dict:
+    """Latency of one 256x256 LGG slice (model loaded) and streamed slices/min over n slices."""
+    import shutil
+    import tempfile
+
+    from medanomaly.io import read_image
+    from medanomaly.predict import Predictor, predict_paths
+
+    slices = sorted(p for p in LGG.rglob("*_flair.png"))[:n]
+    predictor = Predictor(model_dir)
+    image = read_image(slices[len(slices) // 2])
+    for _ in range(3):
+        predictor.predict(image)
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        predictor.predict(image)
+        times.append(time.perf_counter() - t0)
+    work = Path(tempfile.mkdtemp(prefix="speed-predict-"))
+    try:
+        (work / "in").mkdir()
+        for k, f in enumerate(slices):
+            (work / "in" / f"{k:05d}_{f.name}").symlink_to(f)
+        t0 = time.perf_counter()
+        res = predict_paths(model_dir, [work / "in"], work / "out", progress=False, dicom_seg=False)
+        wall = time.perf_counter() - t0
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return {"latency_ms": 1000 * sorted(times)[len(times) // 2], "shape": image.spatial_shape,
+            "n": res["n_ok"], "slices_per_min": 60 * res["n_ok"] / wall}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--model", type=Path, help="a trained 2D model directory: also measure predict on LGG slices")
+    p.add_argument("--predict-n", type=int, default=1000, help="slices for the streamed predict throughput")
     args = p.parse_args()
     torch.manual_seed(0)
     from monai.networks.nets import BasicUNet
@@ -145,6 +204,7 @@ def main() -> int:
         bench_model(f"MONAI BasicUNet w{w}", BasicUNet(2, 1, 1, features=(w, w, 2 * w, 4 * w, 8 * w, w)),
                     args, bf16, True),
     ]
+    rows.append(bench_3d(args, bf16))  # "3D training patches/s": batch 2, as train --dim 3
     onnx_rate = onnx_infer_img_s(UNet(UNetConfig(width=w)), args)
     pk = peaks(args)
     aug = augment_cost(args)
@@ -164,6 +224,10 @@ def main() -> int:
     step = args.batch / rows[0]["train_img_s"]
     print(f"\naugmentation (all transforms on): {1000 * aug:.1f} ms per batch of {args.batch} "
           f"= {100 * aug / step:.1f}% of one default training step ({1000 * step:.0f} ms)")
+    if args.model is not None and LGG.is_dir():
+        pr = predict_rows(args.model, args.predict_n)
+        print(f"\npredict, {args.model}: one {pr['shape'][0]}x{pr['shape'][1]} slice {pr['latency_ms']:.1f} ms "
+              f"(median of 20, model loaded); streamed over {pr['n']} LGG slices: {pr['slices_per_min']:.0f} slices/min")
     return 0
 
 

@@ -69,7 +69,14 @@ def coarse_noise(shape: tuple[int, ...], res: int, std: float, gen: torch.Genera
 
     Its power sits below about res/2 cycles per image side: blobs the size of lesions, which
     the network can only remove by knowing what normal tissue looks like there.
+    3D patches (N, C, D, H, W): ``res`` cells along the longest axis and cells of the same size
+    (voxels) along the others (at least 2 per axis), upsampled trilinearly.
     """
+    if len(shape) == 5:
+        n, c, *size = shape
+        grid = [max(2, round(s * res / max(size))) for s in size]
+        coarse = torch.randn(n, c, *grid, generator=gen) * std
+        return F.interpolate(coarse, size=tuple(size), mode="trilinear", align_corners=False)
     n, c, h, w = shape
     coarse = torch.randn(n, c, res, res, generator=gen) * std
     return F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)

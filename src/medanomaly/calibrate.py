@@ -73,8 +73,10 @@ def model_meta(cfg: TrainConfig, in_channels: int, post: PostprocessParams, extr
         "medanomaly_version": __version__,
         "task": cfg.task,
         "model": {**cfg.model.to_dict(), "in_channels": in_channels, "out_channels": out_channels},
-        "input": {"channels": in_channels, "size": cfg.size, "normalization": cfg.normalization, "dim": 2,
-                  "tta": cfg.tta and cfg.task == "supervised"},
+        "input": {"channels": in_channels, "size": cfg.size, "normalization": cfg.normalization, "dim": cfg.model.dim,
+                  "tta": cfg.tta and cfg.task == "supervised",
+                  **({"patch": list(cfg.patch or ()), "spacing": cfg.spacing and list(cfg.spacing)}
+                     if cfg.model.dim == 3 else {})},  # 3D: sliding-window patch (voxels), training spacing (mm)
         "precision": cfg.precision,
         "postprocess": post.to_dict(),
         **extra,
@@ -97,6 +99,10 @@ def _val_predictions(out: Path, data: Path, device, labelled_only: bool, progres
     from medanomaly.predict import Predictor
 
     predictor = Predictor(out, device)
+    if predictor.dim == 3:  # whole volumes (stacked slices too), post-processed in 3D
+        from medanomaly.infer3d import val_predictions_3d
+
+        return val_predictions_3d(predictor, val_samples(out, data, labelled_only), progress)
     res: dict[str, list] = {"scores": [], "truths": [], "cases": [], "images": [], "labelled": []}
     for s in tqdm(val_samples(out, data, labelled_only), desc="calibrating", unit="img", disable=not progress):
         img = read_image(s.image)
@@ -179,6 +185,8 @@ def choose_map(out: Path, data: Path, cfg: TrainConfig, device) -> tuple[TrainCo
     from medanomaly.metrics import auprc
     from medanomaly.predict import Predictor
 
+    if cfg.model.dim == 3:
+        return cfg, {"selected": False, "reason": "3D model: the configured map settings are kept"}
     samples = val_samples(out, data, labelled_only=True)
     if not cfg.anomaly.select_map_on_val or not samples:
         return cfg, {"selected": False, "reason": "disabled or no labelled val images"}

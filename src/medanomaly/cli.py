@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import textwrap
 from pathlib import Path
@@ -40,6 +41,14 @@ def _add_train(sub) -> None:
     p.add_argument("--encoder", choices=["plain", "resnet18", "resnet34"],
                    help="U-Net encoder: plain (default) or a ResNet-18/34 that --init loads torchvision weights into "
                         "(2D; grey images are repeated onto RGB; --depth is ignored)")
+    p.add_argument("--dim", type=int, choices=[2, 3], help="2: slices (default); 3: a 3D U-Net on patches of volumes "
+                   "(3D files, DICOM series, or each folder of ordered 2D slices stacked), sliding-window inference")
+    p.add_argument("--patch", type=int, nargs=3, metavar=("Z", "Y", "X"),
+                   help="--dim 3: patch size in voxels at the target spacing (default: from the volumes, <= 64^3 on a CPU)")
+    p.add_argument("--spacing", type=float, nargs=3, metavar=("Z", "Y", "X"),
+                   help="--dim 3: resample to this spacing in mm (voxels for stacked 2D slices; default: the median "
+                        "spacing of the training volumes)")
+    p.add_argument("--patches-per-epoch", type=int, help="--dim 3: patches drawn per epoch (default 250)")
     p.add_argument("--patience", type=int, help="early stopping: epochs without improvement (default 15)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--no-augment", action="store_true", help="turn augmentation off")
@@ -213,10 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from medanomaly import config
-    from medanomaly.runtime import resolve_device
+    from medanomaly import config, distributed
     from medanomaly.train import train
 
+    info = distributed.init_from_env(args.device)  # under torchrun: join the other processes (data parallel)
     overrides = {"size": args.size, "epochs": args.epochs, "max_minutes": args.max_minutes,
                  "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed, "loss": args.loss,
                  "optimizer": args.optimizer, "patience": args.patience, "precision": args.precision,
@@ -229,7 +238,9 @@ def cmd_train(args) -> int:
                  "synthetic_lesions": args.synthetic_lesions,
                  "unlabelled": str(args.unlabelled) if args.unlabelled else None,
                  "unlabelled_method": args.unlabelled_method, "pretrain_share": args.pretrain_share,
-                 "extra": str(args.extra) if args.extra else None}
+                 "extra": str(args.extra) if args.extra else None,
+                 "model.dim": args.dim, "patch": tuple(args.patch) if args.patch else None,
+                 "spacing": tuple(args.spacing) if args.spacing else None, "patches_per_epoch": args.patches_per_epoch}
     if args.resume and (args.out / "config.json").is_file() and args.config is None:
         args.config = args.out / "config.json"  # resume with the run's own configuration
         saved = json.loads(args.config.read_text()).get("task", "supervised")
@@ -240,10 +251,18 @@ def cmd_train(args) -> int:
     if not (args.resume or args.no_plan):  # defaults < plan < --config < flags; a resumed run keeps its config
         from medanomaly import plan as planning
 
-        plan, overrides = planning.for_run(args.data, args.splits, args.plan, args.config, overrides, args.device)
+        plan, overrides = distributed.broadcast_object(  # rank 0 plans; all processes train the same plan
+            planning.for_run(args.data, args.splits, args.plan, args.config, overrides, args.device)
+            if distributed.is_main() else None)
     cfg = config.load(args.config, overrides)
-    res = train(args.data, args.out, cfg, args.splits, resume=args.resume, device=str(resolve_device(args.device)),
-                progress=not args.quiet)
+    world = info.world_size
+    if cfg.batch_size % world and args.batch_size is None and not args.resume:  # a planned/default batch
+        cfg = config.with_changes(cfg, batch_size=-(-cfg.batch_size // world) * world)
+        log.info("global batch rounded up to %d, a multiple of the %d processes", cfg.batch_size, world)
+    distributed.check_batch(cfg.batch_size)  # --batch-size is the global batch, split evenly among processes
+    res = train(args.data, args.out, cfg, args.splits, resume=args.resume, device=info.device, progress=not args.quiet)
+    if not distributed.is_main():
+        return 0
     if plan is not None:
         planning.save_plan(plan, res.out_dir / "plan.json")
     _say(f"model written to {res.out_dir} (best epoch {res.best_epoch}, val score {res.best_val_score:.4f}, "
@@ -282,12 +301,16 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_predict(args) -> int:
+    from medanomaly import distributed
     from medanomaly.predict import predict_paths
-    from medanomaly.runtime import resolve_device
 
-    device = "cpu" if args.runtime == "onnx" and args.device == "auto" else str(resolve_device(args.device))
-    res = predict_paths(args.model, args.inputs, args.out, device, args.overwrite, progress=not args.quiet,
+    # under torchrun each process predicts a share of the files (gloo: only the results are exchanged)
+    info = distributed.init_from_env("cpu" if args.runtime == "onnx" and args.device == "auto" else args.device,
+                                     backend="gloo")
+    res = predict_paths(args.model, args.inputs, args.out, info.device, args.overwrite, progress=not args.quiet,
                         runtime=args.runtime, dicom_seg=args.dicom_seg)
+    if not distributed.is_main():  # rank 0 reports (and its exit code says whether a file failed)
+        return 0
     _say(f"{res['n_ok']} images predicted into {res['out']}")
     for f in res["failed"]:
         _say(f"failed: {f['input']}: {f['error']}", err=True)
@@ -356,18 +379,33 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _torchrun() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) as torchrun sets them, (0, 1) outside torchrun (read without importing torch)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return (int(os.environ.get("RANK", "0")), world) if world > 1 else (0, 1)
+    except ValueError:
+        return 0, 1
+
+
 def _say(text: str, err: bool = False) -> None:
     print(text, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    rank, world = _torchrun()
+    args.quiet = args.quiet or rank != 0  # under torchrun the other processes log warnings only, no progress bars
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                        format=f"{f'[rank {rank}] ' if rank else ''}%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
     commands = {"train": cmd_train, "pretrain": cmd_pretrain, "predict": cmd_predict, "evaluate": cmd_evaluate, "demo": cmd_demo,
                 "export": cmd_export, "serve": cmd_serve, "synthesize": cmd_synthesize,
                 "plan": cmd_plan}
     try:
+        if world > 1 and args.command not in ("train", "predict"):
+            raise MedanomalyError(f"'{args.command}' runs in one process: under torchrun only 'train' and 'predict' "
+                                  "are data parallel; run it without torchrun")
         return commands[args.command](args)
     except MedanomalyError as exc:
         _say("error: " + textwrap.fill(str(exc), width=100, subsequent_indent="  ",

@@ -51,6 +51,12 @@ class TrainConfig:
     unlabelled_method: str = "auto"  # what --unlabelled does: auto (the measured best), mean-teacher, pretrain, both
     pretrain_share: float = 0.3  # --unlabelled with pretrain: share of max_minutes spent pretraining
     extra: str | None = None  # supervised: a folder of more image/mask pairs ('synthesize' output), added to train only
+    # 3D (model.dim 3, see medanomaly.train3d): sizes in voxels (Z, Y, X) of the resampled grid, spacing in mm
+    patch: tuple[int, int, int] | None = None  # None: the median volume, shrunk to 64^3 voxels (CPU) / 128^3 (GPU)
+    spacing: tuple[float, float, float] | None = None  # target spacing; None: median of the training volumes
+    foreground_fraction: float = 0.33  # share of patches centred on a lesion (anomaly: body) voxel, as nnU-Net
+    patches_per_epoch: int = 250  # patches drawn per 3D epoch
+    patch_batch: int = 2  # patches per 3D optimizer step (nnU-Net: 2)
     model: UNetConfig = field(default_factory=lambda: UNetConfig(width=32, depth=4, norm="batch"))
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     anomaly: AnomalyConfig = field(default_factory=AnomalyConfig)  # used by task "anomaly" only

@@ -203,6 +203,10 @@ def _predict_and_score(predictor, samples: list[Sample], data: Path, pred_dir: P
     from medanomaly.anomaly import image_score
     from medanomaly.predict import output_stem, write_prediction
 
+    if getattr(predictor, "dim", 2) == 3:  # whole volumes (stacked slices too), written slice by slice
+        from medanomaly.infer3d import predict_and_score_3d
+
+        return predict_and_score_3d(predictor, samples, data, pred_dir, progress)
     acc = Accumulator()
     for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
         img = read_image(s.image)

@@ -107,7 +107,10 @@ def pretrain_first(cfg: TrainConfig, data: Path, out: Path, splits: dict, device
              method, cfg.max_minutes * cfg.pretrain_share)
     init = pretrain_unlabelled(cfg, data, out, splits, device, progress)
     cfg = replace(cfg, init=str(init), max_minutes=cfg.max_minutes * (1 - cfg.pretrain_share))
-    config_mod.save(cfg, out / "config.json")
+    from medanomaly.distributed import is_main
+
+    if is_main():  # under torchrun, rank 0 alone writes files
+        config_mod.save(cfg, out / "config.json")
     return cfg
 
 

@@ -237,7 +237,7 @@ def make_plan(fp: DataFingerprint, mach: MachineInfo, max_minutes: float = 25.0,
     why["task"] = "learn lesions from masks" if task == "supervised" else "learn normal anatomy (no masks needed)"
     dim, why["dim"] = _choose_dim(fp)
     if dim == 3:
-        notes.append("3D recommended; 3D training arrives with `train --dim 3`, slices are used for now")
+        notes.append("3D recommended: `train --dim 3` trains a 3D U-Net on patches (these settings are for 2D slices)")
     elif fp.is_3d and fp.median_spacing and int(np.argmax(fp.median_spacing)) != 0:
         notes.append("the coarse axis is not array axis 0, along which slices are cut: reorient the volumes")
     lesion = fp.lesion_slice_fraction or 0.0
@@ -339,6 +339,11 @@ def for_run(data: Path, splits_file: Path | None, plan_file: Path | None, config
             log.info("no plan (%s); training with the defaults", exc)
             return None, flags
     merged = {k: v for k, v in plan.to_config_overrides().items() if k not in fixed}
+    if fixed.get("model.dim") == 3:  # the plan's size, batch, epochs and network are for 2D slices
+        from medanomaly.volumes import plan_overrides_3d
+
+        merged = {k: v for k, v in (merged | plan_overrides_3d(bool(plan.machine.gpu))).items() if k not in fixed
+                  and (k in ("task", "normalization", "max_minutes") or k.startswith("model."))}
     minutes = fixed.get("max_minutes", plan.max_minutes)
     if "epochs" in merged and minutes != plan.max_minutes and plan.max_minutes > 0 and minutes > 0:
         merged["epochs"] = max(1, math.ceil(plan.epochs * minutes / plan.max_minutes))

@@ -83,6 +83,8 @@ class Predictor:
             spec = self.meta["input"]
             self.size, self.channels, self.normalization = spec["size"], spec["channels"], spec["normalization"]
             self.tta = bool(spec.get("tta", False))  # average with the left-right flipped prediction
+            # 3D models (medanomaly.train3d): patch (voxels) and training spacing (mm) of sliding-window inference
+            self.dim, self.patch, self.spacing = int(spec.get("dim", 2)), spec.get("patch"), spec.get("spacing")
             self.post = PostprocessParams.from_dict(self.meta["postprocess"])
             self.precision = choose_precision(self.meta.get("precision", "auto"), self.device)
             self.task = self.meta.get("task", "supervised")
@@ -110,6 +112,10 @@ class Predictor:
         if image.channels != self.channels:
             raise MedanomalyError(f"{image.path} has {image.channels} channels but the model was trained on "
                                   f"{self.channels}-channel images; convert the image or use a matching model")
+        if self.dim == 3:  # whole volume: resampled, sliding window, resampled back (medanomaly.infer3d)
+            from medanomaly.infer3d import volume_scores
+
+            return volume_scores(self, image)
         a = normalize(image.array, self.normalization, image.geometry.kind, image.geometry.meta.get("dtype"))
         slices = torch.from_numpy(np.ascontiguousarray(to_slices(a)))
         h, w = slices.shape[-2:]
@@ -263,10 +269,13 @@ def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Pa
                   dicom_seg: bool = True) -> dict:
     """Predict every image below ``inputs`` into ``out``; keep going past bad files.
 
+    In a process group (``torchrun``), process r of W predicts inputs r, r + W, ... of the sorted
+    list and rank 0 writes regions.json for all of them: the same files as one process writes.
     Returns {"n_ok": int, "failed": [{"input": str, "error": str}], "out": str}.
     """
     from tqdm import tqdm
 
+    from medanomaly import distributed
     from medanomaly.atomic import atomic_write_text
 
     out = Path(out)
@@ -282,16 +291,26 @@ def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Pa
                               f"skipped); supported files: {', '.join(IMAGE_SUFFIXES)} or DICOM series folders")
     predictor = Predictor(model_dir, device, runtime=runtime)
     records, failed = [], []
-    for root, path in tqdm(items, desc="predict", unit="img", disable=not progress):
-        stem = output_stem(out, root, path)
+    if predictor.dim == 3:  # 3D model: a folder of 2D slices is one stacked volume (rank 0 predicts all)
+        from medanomaly.infer3d import predict_items_3d
+
+        recs, fails = predict_items_3d(predictor, items if distributed.is_main() else [], out, dicom_seg, progress)
+        records, failed, items = list(enumerate(recs)), list(enumerate(fails)), []
+    rank, world = distributed.rank(), distributed.world_size()  # under torchrun: every world-th file here
+    for k, (root, path) in enumerate(tqdm(items[rank::world], desc="predict", unit="img", disable=not progress)):
+        stem, index = output_stem(out, root, path), k * world + rank
         try:
             rec = write_prediction(predictor.predict(read_image(path)), stem, dicom_seg)
         except MedanomalyError as exc:
             log.info("skipped %s (reported at the end)", path.name)
-            failed.append({"input": str(path), "error": str(exc)})
+            failed.append((index, {"input": str(path), "error": str(exc)}))
             continue
-        records.append({"case": str(stem.relative_to(out)), **rec})
+        records.append((index, {"case": str(stem.relative_to(out)), **rec}))
+    shards = distributed.gather_objects((records, failed))  # back in input order, as one process writes them
+    records = [r for _, r in sorted((x for recs, _ in shards for x in recs), key=lambda t: t[0])]
+    failed = [f for _, f in sorted((x for _, fails in shards for x in fails), key=lambda t: t[0])]
     meta = {"medanomaly_version": __version__, "model": str(model_dir), "runtime": runtime,
             "threshold": predictor.post.threshold}
-    atomic_write_text(out / "regions.json", json.dumps({**meta, "images": records, "failed": failed}, indent=1))
+    if distributed.is_main():
+        atomic_write_text(out / "regions.json", json.dumps({**meta, "images": records, "failed": failed}, indent=1))
     return {"n_ok": len(records), "failed": failed, "out": str(out)}

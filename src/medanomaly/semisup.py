@@ -92,7 +92,11 @@ def pretrain_unlabelled(cfg, data: Path, out: Path, splits: dict[str, list[str]]
     source, splits_file = Path(cfg.unlabelled), None
     if not source.exists():  # a list of the split file: pretrain on train + that list
         source, splits_file = data, out / "pretrain-splits.json"
-        atomic_write_text(splits_file, json.dumps({"train": splits["train"] + splits[cfg.unlabelled],
-                                                   "val": splits["val"], "test": splits.get("test", [])}))
+        from medanomaly.distributed import barrier, is_main
+
+        if is_main():  # under torchrun, rank 0 writes it and the others wait for it
+            atomic_write_text(splits_file, json.dumps({"train": splits["train"] + splits[cfg.unlabelled],
+                                                       "val": splits["val"], "test": splits.get("test", [])}))
+        barrier()
     train(source, target, pre, splits_file, device=device, progress=progress)
     return target

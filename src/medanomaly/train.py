@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from medanomaly import config as config_mod
+from medanomaly import distributed
 from medanomaly.atomic import atomic_torch_save, atomic_write_text
 from medanomaly.anomaly import output_channels
 from medanomaly.augment import augment_batch
@@ -161,7 +162,7 @@ def _resume(path: Path, model, opt, gen: torch.Generator, metrics_csv: Path) -> 
     opt.load_state_dict(st["optimizer"])
     gen.set_state(st["rng"])
     state = RunState(**{k: st[k] for k in asdict(RunState())})
-    if metrics_csv.exists():  # drop rows of an epoch that finished after the last checkpoint
+    if metrics_csv.exists() and distributed.is_main():  # drop rows of an epoch that finished after the checkpoint
         lines = metrics_csv.read_text().splitlines(keepends=True)
         kept = [ln for ln in lines[1:] if _complete_row(ln) and int(ln.split(",")[0]) <= state.epoch]
         if lines and lines[0].rstrip("\r\n") == ",".join(METRIC_FIELDS):
@@ -202,18 +203,24 @@ def normal_only(slices: SliceSet, data: Path, split: str) -> SliceSet:
     return normal
 
 
+def usable_and_splits(data: Path, cfg: TrainConfig, splits_file) -> tuple[list, dict[str, list[str]]]:
+    """The samples the task trains on (supervised: those with a mask) and the split by case."""
+    samples = discover(data)
+    usable = [s for s in samples if s.mask is not None] if cfg.task == "supervised" else samples
+    if not usable:
+        raise MedanomalyError(f"no image/mask pairs found in {data}: supervised training needs masks named like "
+                              "X_mask.png (or .nii.gz, .nrrd...) beside X.png, or images/ + masks/ folders "
+                              "(see README, 'Data layouts')")
+    return usable, resolve_splits(data, usable, splits_file, cfg.seed)
+
+
 def prepare(data: Path, out: Path, cfg: TrainConfig, splits_file, progress: bool) -> tuple[SliceSet, SliceSet, dict]:
     """Discover, split by case, load train and val slices (plus ``cfg.extra`` pairs, appended to
     the training slices only); write splits.json and config.json."""
     if cfg.extra and cfg.task != "supervised":
         raise MedanomalyError(f"--extra {cfg.extra} adds image/mask pairs to supervised training; the anomaly task "
                               "learns from normal images only: drop --extra")
-    samples = discover(data)
-    usable = [s for s in samples if s.mask is not None] if cfg.task == "supervised" else samples
-    if not usable:
-        raise MedanomalyError(f"no image/mask pairs found in {data}: supervised training needs masks named like "
-                              "X_mask.png beside X.png, or images/ + masks/ folders (see README, 'Data layouts')")
-    splits = resolve_splits(data, usable, splits_file, cfg.seed)
+    usable, splits = usable_and_splits(data, cfg, splits_file)
     parts = {k: [s for s in usable if s.case in set(v)] for k, v in splits.items()}
     if not parts["train"] or not parts["val"]:
         raise MedanomalyError(f"the split leaves {len(parts['train'])} training and {len(parts['val'])} validation "
@@ -230,9 +237,10 @@ def prepare(data: Path, out: Path, cfg: TrainConfig, splits_file, progress: bool
     elif int(train.masks.sum()) == 0:
         raise MedanomalyError(f"every training mask in {data} is empty; supervised training needs lesions to learn "
                               "from (use --task anomaly for normal-only data)")
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "splits.json", json.dumps(splits, indent=1))
-    config_mod.save(cfg, out / "config.json")
+    if distributed.is_main():  # under torchrun, rank 0 alone writes files
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "splits.json", json.dumps(splits, indent=1))
+        config_mod.save(cfg, out / "config.json")
     return train, val, splits
 
 
@@ -242,16 +250,25 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
 
     The best epoch (mean per-case validation Dice) is kept; afterwards the threshold and
     post-processing are chosen on the validation split (:mod:`medanomaly.calibrate`).
+
+    In a process group (``torchrun``, see :mod:`medanomaly.distributed`) the run is data parallel:
+    ``cfg.batch_size`` is the global batch, each process computes its share of every batch, rank 0
+    validates, writes every file and calibrates; the others return the same result afterwards.
     """
     from medanomaly.calibrate import calibrate_and_save
 
+    if cfg.model.dim == 3:  # patches of volumes, sliding-window validation: medanomaly.train3d
+        from medanomaly.train3d import train3d
+
+        return train3d(data, out, cfg, splits_file, resume=resume, device=device, progress=progress)
     data, out, dev = Path(data), Path(out), torch.device(device)
     ckpt_path = out / "checkpoint.pt"
     if resume and not ckpt_path.exists():
         raise MedanomalyError(f"--resume: no checkpoint.pt in {out}; run without --resume to start")
     if not resume and (out / "model.json").exists():
         raise MedanomalyError(f"{out} already holds a trained model; pass --resume to continue or choose a new --out")
-    _remove_stale_temp_files(out)
+    if distributed.is_main():
+        _remove_stale_temp_files(out)
     if cfg.init and not resume:
         read_state_dict(cfg.init)  # a bad --init fails before minutes of data loading
     train_set, val_set, splits = prepare(data, out, cfg, splits_file, progress)
@@ -260,7 +277,9 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
         unlabelled_samples(cfg, data, train_set, splits)  # a bad source fails before any pretraining
         cfg = pretrain_first(cfg, data, out, splits, device, progress)
     if cfg.task == "anomaly" and cfg.anomaly.method == "intensity":  # a baseline: nothing to train
-        calibrate_and_save(out, cfg, data, in_ch, -1, float("nan"), device=torch.device(device), progress=progress)
+        if distributed.is_main():
+            calibrate_and_save(out, cfg, data, in_ch, -1, float("nan"), device=torch.device(device), progress=progress)
+        distributed.barrier()
         return TrainResult(out, -1, float("nan"), 0, 0.0)
     set_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -278,37 +297,50 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
         state = _resume(ckpt_path, model, opt, gen, out / "metrics.csv")
     else:  # a fresh start in the folder of an interrupted run: its rows are not this run's history
         state = RunState()
-        (out / "metrics.csv").unlink(missing_ok=True)
+        if distributed.is_main():
+            (out / "metrics.csv").unlink(missing_ok=True)
     budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
     extras = build_extras(cfg, data, train_set, model, ckpt_path if resume else None, progress, splits)
     log.info("training on %d slices (%d val), %s, precision %s, budget %.1f min",
              len(train_set), len(val_set), device, precision, cfg.max_minutes)
+    main, world, trainable, step_model = distributed.is_main(), distributed.world_size(), None, model
+    if world > 1:
+        distributed.check_batch(cfg.batch_size, len(train_set))
+        log.info("data parallel: %d processes, global batch %d (%d per process)", world, cfg.batch_size,
+                 cfg.batch_size // world)
     for epoch in range(state.epoch + 1, cfg.epochs):
         if state.elapsed >= budget or state.bad_epochs >= cfg.patience:  # resumed after the end
             break
         if cfg.freeze_encoder_epochs > 0:  # a pretrained encoder first adapts its decoder, then all
             set_encoder_trainable(model, epoch >= cfg.freeze_encoder_epochs)
+        if trainable != [p.requires_grad for p in model.parameters()]:  # DDP registers the trainable ones once
+            trainable = [p.requires_grad for p in model.parameters()]
+            step_model = distributed.data_parallel(model)
         t0 = time.perf_counter()
-        train_loss, lr = _run_epoch(model, opt, train_set, cfg, gen, state, budget, dev, precision, loss_fn, progress,
-                                    extras)
-        if cfg.task == "anomaly":
+        train_loss, lr = _run_epoch(step_model, opt, train_set, cfg, gen, state, budget, dev, precision, loss_fn,
+                                    progress, extras)
+        if not main:  # rank 0 validates; every process takes its numbers, so stopping decisions agree
+            val_loss, val_score = math.nan, math.nan
+        elif cfg.task == "anomaly":
             val_loss, val_score = validate_anomaly(model, val_set, cfg, precision, dev)
         else:
             val_loss, val_score = validate(model, val_set, loss_fn, precision, dev)
+        val_loss, val_score, seconds = distributed.broadcast_object((val_loss, val_score, time.perf_counter() - t0))
         val_dice = val_score if cfg.task == "supervised" else float("nan")
-        seconds = time.perf_counter() - t0
         state.epoch, state.elapsed = epoch, state.elapsed + seconds
         improved = val_score > state.best
         if improved:
             state.best, state.best_epoch, state.bad_epochs = val_score, epoch, 0
-            atomic_torch_save(model.state_dict(), out / "model.pt")
+            if main:
+                atomic_torch_save(model.state_dict(), out / "model.pt")
         else:
             state.bad_epochs += 1
-        n_images = (len(train_set) // cfg.batch_size) * cfg.batch_size
-        _append_metrics(out / "metrics.csv", {
-            "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_dice": val_dice,
-            "lr": lr, "seconds": seconds, "images_per_s": n_images / seconds})
-        _save_state(ckpt_path, model, opt, gen, state, extras.teacher)
+        n_images = (len(train_set) // cfg.batch_size) * cfg.batch_size  # global: all processes together
+        if main:
+            _append_metrics(out / "metrics.csv", {
+                "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss, "val_dice": val_dice,
+                "lr": lr, "seconds": seconds, "images_per_s": n_images / seconds})
+            _save_state(ckpt_path, model, opt, gen, state, extras.teacher)
         log.info("epoch %d: train loss %.4f, val loss %.4f, val score %.4f%s (%.0f s)", epoch,
                  train_loss, val_loss, val_score, " *" if improved else "", seconds)
         if state.bad_epochs >= cfg.patience:
@@ -317,7 +349,9 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
         if state.elapsed + seconds > budget * 1.02:  # the next epoch would overrun the budget
             log.info("time budget of %.1f min reached", cfg.max_minutes)
             break
-    calibrate_and_save(out, cfg, data, in_ch, state.best_epoch, state.best, device=dev, progress=progress)
+    if main:
+        calibrate_and_save(out, cfg, data, in_ch, state.best_epoch, state.best, device=dev, progress=progress)
+    distributed.barrier()  # the other processes return once model.json is written
     return TrainResult(out, state.best_epoch, state.best, state.epoch + 1, state.elapsed)
 
 
@@ -366,6 +400,8 @@ def _run_epoch(model, opt, train_set: SliceSet, cfg: TrainConfig, gen: torch.Gen
         # the schedule follows steps or wall time, whichever is further along
         lr = lr_at(cfg, state.step, warmup, max(state.step / total_steps,
                                                  (state.elapsed + time.perf_counter() - t0) / budget))
+        if math.isfinite(budget):  # a time-based schedule follows rank 0's clock on every process
+            lr = distributed.broadcast_object(lr)
         for group in opt.param_groups:
             group["lr"] = lr
         loss = _step_loss(model, train_set.images[idx].float(), train_set.masks[idx].float(), cfg, gen, dev,

@@ -1,0 +1,228 @@
+"""3D training and inference: the patch sampler, sliding-window inference (and its agreement with
+MONAI's), resampling, and end-to-end runs on the real volumes of ../shared/data (skipped without it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from medanomaly.cli import main
+from medanomaly.data import discover
+from medanomaly.sliding import gaussian_importance, sliding_window, window_starts
+from medanomaly.volumes import (Volume, crop, default_patch, group_volumes, read_volume, read_volume_mask, resample,
+                                resample_mask, resampled_shape, sample_patches)
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+VOLUMES, IXI, LGG = DATA / "volumes", DATA / "volumes" / "ixi-t1-healthy", DATA / "lgg-flair"
+needs = {name: pytest.mark.skipif(not path.exists(), reason=f"real data not found at {path} (../shared/data)")
+         for name, path in (("volumes", VOLUMES / "brain1_image.nrrd"), ("ixi", IXI), ("lgg", LGG))}
+
+
+def _volume(shape=(32, 64, 64), lesion=((2, 4), (50, 52), (5, 7))) -> Volume:
+    img = torch.rand((1,) + shape)
+    mask = torch.zeros(shape, dtype=torch.uint8)
+    mask[tuple(slice(a, b) for a, b in lesion)] = 1
+    return Volume("a", img, mask, torch.nonzero(mask), True)
+
+
+# ---- patch sampler ------------------------------------------------------------------------------
+
+def test_patches_have_the_patch_shape_and_are_reproducible():
+    vols = [_volume(), _volume((20, 40, 48))]
+    a = sample_patches(vols, 6, (8, 16, 24), 0.5, torch.Generator().manual_seed(3))
+    b = sample_patches(vols, 6, (8, 16, 24), 0.5, torch.Generator().manual_seed(3))
+    assert a[0].shape == (6, 1, 8, 16, 24) and a[1].shape == (6, 1, 8, 16, 24) and a[2].shape == (6,)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    c = sample_patches(vols, 6, (8, 16, 24), 0.5, torch.Generator().manual_seed(4))
+    assert not torch.equal(a[0], c[0])
+
+
+def test_foreground_fraction_is_respected():
+    vol, n, patch = _volume(), 600, (8, 16, 16)
+    for p in (0.0, 0.33, 1.0):
+        x, y, forced = sample_patches([vol], n, patch, p, torch.Generator().manual_seed(0))
+        hit = y.flatten(1).amax(1) > 0
+        assert abs(float(forced.float().mean()) - p) < 4 * np.sqrt(p * (1 - p) / n) + 1e-9
+        assert bool(hit[forced].all())  # a forced patch always holds its lesion voxel
+        assert float(hit.float().mean()) >= float(forced.float().mean())
+        if p == 0.0:
+            assert float(hit.float().mean()) < 0.1  # the lesion is a corner cube: rarely hit by chance
+
+
+def test_small_volumes_are_zero_padded():
+    vol = Volume("s", torch.full((1, 3, 10, 12), 7.0), torch.ones((3, 10, 12), dtype=torch.uint8),
+                 torch.zeros((0, 3), dtype=torch.long), False)
+    x, y, forced = sample_patches([vol], 5, (8, 16, 16), 0.33, torch.Generator().manual_seed(1))
+    assert x.shape == (5, 1, 8, 16, 16) and not forced.any()  # no centres: never forced
+    assert torch.all((x == 0) | (x == 7)) and int((x == 7).sum(dim=(1, 2, 3, 4)).min()) == 3 * 10 * 12
+    assert torch.equal(y.bool(), x[:, :1] == 7)
+    assert torch.equal(crop(vol.image, (0, 0, 0), (3, 10, 12)), vol.image)
+
+
+# ---- sliding window -----------------------------------------------------------------------------
+
+def test_sliding_window_with_identity_forward_returns_the_input():
+    z, y, x = torch.meshgrid(torch.arange(13.0), torch.arange(29.0), torch.arange(31.0), indexing="ij")
+    field = torch.stack([0.5 * z - 0.2 * y + 0.1 * x + 3.0, torch.full_like(z, 2.5)])  # linear and constant
+    out = sliding_window(field, (8, 16, 16), lambda b: b.clone(), overlap=0.5, batch=3)
+    assert out.shape == field.shape
+    torch.testing.assert_close(out, field, rtol=0, atol=1e-5)
+    small = sliding_window(field[:, :5, :7, :9], (8, 16, 16), lambda b: b * 2, batch=2)  # smaller than the patch
+    torch.testing.assert_close(small, 2 * field[:, :5, :7, :9], rtol=0, atol=1e-5)
+
+
+def test_sliding_window_output_channels_and_windows():
+    vol = torch.rand(2, 11, 17, 23)
+    out = sliding_window(vol, (4, 8, 8), lambda b: b.sum(1, keepdim=True).repeat(1, 3, 1, 1, 1), overlap=0.25)
+    assert out.shape == (3, 11, 17, 23)
+    assert window_starts(17, 8, 0.5) == [0, 4, 8, 9] and window_starts(8, 8, 0.5) == [0]
+    w = gaussian_importance((5, 8, 8))
+    assert w.shape == (5, 8, 8) and float(w.min()) > 0 and float(w.max()) <= 1
+
+
+def test_sliding_window_equals_monai():
+    inferers = pytest.importorskip("monai.inferers", reason="MONAI (bench extra) not installed")
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(2, 3, 3, padding=1)
+    for shape, patch, overlap in (((2, 13, 40, 37), (8, 16, 16), 0.5), ((2, 5, 20, 70), (8, 32, 32), 0.25)):
+        vol = torch.rand(shape)
+        with torch.no_grad():
+            ours = sliding_window(vol, patch, conv, overlap, batch=4)
+            theirs = inferers.sliding_window_inference(vol[None], patch, 4, conv, overlap=overlap, mode="gaussian")[0]
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+# ---- resampling ---------------------------------------------------------------------------------
+
+def test_resampling_round_trip():
+    assert resampled_shape((25, 256, 256), (6.5, 0.78, 0.78), (6.5, 1.56, 1.56)) == (25, 128, 128)
+    assert resampled_shape((25, 256, 256), (6.5, 0.78, 0.78), None) == (25, 256, 256)
+    z, y, x = np.meshgrid(np.arange(12.0), np.arange(40.0), np.arange(36.0), indexing="ij")
+    field = (0.3 * z + 0.1 * y - 0.05 * x)[None].astype(np.float32)
+    before = field.copy()
+    back = resample(resample(field, (12, 20, 18)), (12, 40, 36)).numpy()
+    np.testing.assert_array_equal(field, before)  # input not modified
+    assert back.shape == field.shape
+    np.testing.assert_allclose(back[:, :, 2:-2, 2:-2], field[:, :, 2:-2, 2:-2], atol=1e-4)  # linear: exact inside
+    mask = np.zeros((12, 40, 36), bool)
+    mask[3:9, 10:30, 8:28] = True
+    rt = resample_mask(resample_mask(mask, (12, 20, 18)), mask.shape).numpy()
+    assert rt.dtype == bool and 2 * (rt & mask).sum() / (rt.sum() + mask.sum()) > 0.9
+
+
+def test_default_patch_fits_the_budget_and_shrinks_the_longest_axis_in_mm():
+    p = default_patch((25, 256, 256), (6.5, 0.78, 0.78), depth=4, max_voxels=2**18)
+    assert p == (16, 128, 128)
+    assert default_patch((45, 60, 60), (4.0, 4.0, 4.0), depth=2, max_voxels=2**18) == (48, 60, 60)
+
+
+# ---- real data ----------------------------------------------------------------------------------
+
+@needs["lgg"]
+def test_a_folder_of_slices_is_one_volume_in_slice_order(tmp_path):
+    """A case's slices in one folder (case id = the folder below the data root) stack, in slice order."""
+    patient = sorted(p for p in LGG.iterdir() if p.is_dir())[0]
+    (tmp_path / patient.name).symlink_to(patient)
+    samples = discover(tmp_path)
+    cases = group_volumes(samples)
+    assert len(cases) == 1 and len(cases[0].images) == len(samples)
+    numbers = [int(p.name.split("_")[-2]) for p in cases[0].images]
+    assert numbers == list(range(1, len(numbers) + 1))
+    image, slices = read_volume(cases[0])
+    mask = read_volume_mask(cases[0], image, slices)
+    assert image.array.shape == (1, len(numbers), 256, 256) and mask.shape == (len(numbers), 256, 256)
+    assert image.geometry.meta["dtype"] == "uint8" and not image.geometry.spacing_known
+
+
+def _run(*argv: str) -> None:
+    assert main(["-q", *argv]) == 0
+
+
+@needs["volumes"]
+def test_train_predict_evaluate_3d_on_the_labelled_nrrd_volumes_keeps_the_geometry(tmp_path):
+    """train=[brain1], val=[brain2]: a split file may not list a case twice, so the evaluation runs
+    on the val case (the only other labelled volume)."""
+    import SimpleITK as sitk
+
+    splits = tmp_path / "splits.json"
+    splits.write_text(json.dumps({"train": ["brain1"], "val": ["brain2"], "test": []}))
+    model, pred, ev = tmp_path / "model", tmp_path / "pred", tmp_path / "eval"
+    _run("train", str(VOLUMES), "--splits", str(splits), "--out", str(model), "--dim", "3", "--no-plan",
+         "--epochs", "1", "--patches-per-epoch", "4", "--patch", "16", "32", "32", "--spacing", "6.5", "3.125",
+         "3.125", "--width", "4", "--depth", "2", "--norm", "instance", "--device", "cpu")
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["input"]["dim"] == 3 and meta["input"]["patch"] == [16, 32, 32]
+    assert meta["input"]["spacing"] == [6.5, 3.125, 3.125] and meta["model"]["dim"] == 3
+    src_path = VOLUMES / "brain2_image.nrrd"
+    _run("predict", str(model), str(src_path), "--out", str(pred))
+    src = sitk.ReadImage(str(src_path))
+    for kind in ("pred", "score"):
+        out = sitk.ReadImage(str(pred / f"brain2_image_{kind}.nrrd"))
+        assert out.GetSize() == src.GetSize()
+        np.testing.assert_allclose(out.GetSpacing(), src.GetSpacing())
+        np.testing.assert_allclose(out.GetOrigin(), src.GetOrigin())
+        np.testing.assert_allclose(out.GetDirection(), src.GetDirection())
+    score = sitk.GetArrayFromImage(sitk.ReadImage(str(pred / "brain2_image_score.nrrd")))
+    assert np.isfinite(score).all() and 0 <= score.min() and score.max() <= 1
+    _run("evaluate", "--model", str(model), "--data", str(VOLUMES), "--split", "val", "--out", str(ev))
+    summary = json.loads((ev / "summary.json").read_text())
+    assert summary["n_cases"] == 1 and 0 <= summary["dice"] <= 1 and summary["split"] == "val"
+    assert (ev / "predictions" / "brain2_image_pred.nrrd").is_file()
+
+
+@needs["ixi"]
+def test_anomaly_3d_on_healthy_ixi_volumes_keeps_the_affine(tmp_path):
+    import nibabel as nib
+
+    data = tmp_path / "ixi"
+    data.mkdir()
+    vols = sorted(IXI.glob("*.nii.gz"))[:3]
+    for v in vols:
+        (data / v.name).symlink_to(v)
+    keys = [v.name[: -len(".nii.gz")] for v in vols]
+    (data / "splits.json").write_text(json.dumps({"train": keys[:1], "val": keys[1:2], "test": keys[2:]}))
+    model = tmp_path / "model"
+    _run("train", str(data), "--out", str(model), "--task", "anomaly", "--dim", "3", "--no-plan", "--epochs", "1",
+         "--patches-per-epoch", "4", "--patch", "16", "32", "32", "--spacing", "4", "4", "4", "--width", "4",
+         "--depth", "2", "--norm", "instance", "--device", "cpu")
+    meta = json.loads((model / "model.json").read_text())
+    assert meta["input"]["dim"] == 3 and meta["calibration"]["mode"].startswith("target_fpr")
+    _run("predict", str(model), str(vols[2]), "--out", str(tmp_path / "pred"))
+    src = nib.load(vols[2])
+    for kind in ("pred", "score"):
+        out = nib.load(tmp_path / "pred" / f"{keys[2]}_{kind}.nii.gz")
+        assert out.shape == src.shape[:3]
+        np.testing.assert_array_equal(out.affine, src.affine)
+    score = nib.load(tmp_path / "pred" / f"{keys[2]}_score.nii.gz").get_fdata()
+    assert np.isfinite(score).all() and score.max() > 0
+
+
+@needs["lgg"]
+def test_3d_on_lgg_patient_folders_stacks_and_writes_per_slice(tmp_path):
+    from medanomaly import config
+    from medanomaly.evaluate import evaluate_model
+    from medanomaly.predict import predict_paths
+    from medanomaly.train import train
+
+    splits = json.loads((LGG / "splits.json").read_text())
+    picked = {k: splits[k][:1] for k in ("train", "val", "test")}
+    data = tmp_path / "lgg"
+    data.mkdir()
+    for ids in picked.values():
+        (data / ids[0]).symlink_to(LGG / ids[0])
+    (tmp_path / "splits.json").write_text(json.dumps(picked))
+    cfg = config.load(None, {"model.dim": 3, "model.width": 4, "model.depth": 2, "model.norm": "instance",
+                             "epochs": 1, "patches_per_epoch": 2, "patch": (8, 32, 32), "spacing": (1.0, 4.0, 4.0)})
+    train(data, tmp_path / "model", cfg, tmp_path / "splits.json", progress=False)
+    summary = evaluate_model(tmp_path / "model", data, tmp_path / "eval", split="test", progress=False)
+    n_slices = len(list((data / picked["test"][0]).glob("*_flair.png")))
+    assert summary["n_cases"] == 1 and summary["n_images"] == n_slices
+    written = sorted((tmp_path / "eval" / "predictions" / picked["test"][0]).glob("*_pred.png"))
+    assert len(written) == n_slices
+    res = predict_paths(tmp_path / "model", [data / picked["test"][0]], tmp_path / "pred", progress=False)
+    assert res["n_ok"] == n_slices and not res["failed"]
