@@ -173,6 +173,16 @@ def _resume(path: Path, model, opt, gen: torch.Generator, metrics_csv: Path) -> 
     return state
 
 
+def check_out_dir(out: Path, resume: bool) -> Path:
+    """The checkpoint path of ``out``; refuses --resume without a checkpoint and a fresh run over a model."""
+    ckpt_path = out / "checkpoint.pt"
+    if resume and not ckpt_path.exists():
+        raise MedanomalyError(f"--resume: no checkpoint.pt in {out}; run without --resume to start")
+    if not resume and (out / "model.json").exists():
+        raise MedanomalyError(f"{out} already holds a trained model; pass --resume to continue or choose a new --out")
+    return ckpt_path
+
+
 def _remove_stale_temp_files(out: Path) -> None:
     """Delete the ``.tmp-*`` files that a killed run left in ``out`` (an atomic write interrupted
     before its ``os.replace``: never a complete output, see :mod:`medanomaly.atomic`)."""
@@ -262,11 +272,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
 
         return train3d(data, out, cfg, splits_file, resume=resume, device=device, progress=progress)
     data, out, dev = Path(data), Path(out), torch.device(device)
-    ckpt_path = out / "checkpoint.pt"
-    if resume and not ckpt_path.exists():
-        raise MedanomalyError(f"--resume: no checkpoint.pt in {out}; run without --resume to start")
-    if not resume and (out / "model.json").exists():
-        raise MedanomalyError(f"{out} already holds a trained model; pass --resume to continue or choose a new --out")
+    ckpt_path = check_out_dir(out, resume)
     if distributed.is_main():
         _remove_stale_temp_files(out)
     if cfg.init and not resume:

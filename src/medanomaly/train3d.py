@@ -205,7 +205,7 @@ def train3d(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: st
     from medanomaly.calibrate import calibrate_and_save
     from medanomaly.init import load_matching, read_state_dict
     from medanomaly.train import (METRIC_FIELDS, RunState, TrainResult, _append_metrics, _check_init_channels,
-                                  _remove_stale_temp_files, _resume, _save_state, make_optimizer)
+                                  _remove_stale_temp_files, _resume, _save_state, check_out_dir, make_optimizer)
 
     from medanomaly import distributed
 
@@ -214,11 +214,7 @@ def train3d(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: st
     if distributed.world_size() > 1:
         raise MedanomalyError("3D training (--dim 3) runs in one process; start it without torchrun")
     data, out, dev = Path(data), Path(out), torch.device(device)
-    ckpt_path = out / "checkpoint.pt"
-    if resume and not ckpt_path.exists():
-        raise MedanomalyError(f"--resume: no checkpoint.pt in {out}; run without --resume to start")
-    if not resume and (out / "model.json").exists():
-        raise MedanomalyError(f"{out} already holds a trained model; pass --resume to continue or choose a new --out")
+    ckpt_path = check_out_dir(out, resume)
     _remove_stale_temp_files(out)
     if cfg.init and not resume:
         read_state_dict(cfg.init)
