@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image as PILImage
 
+from conftest import labelled_phantoms
 from medanomaly.cli import main
 from medanomaly.errors import MedanomalyError
 from medanomaly.init import load_matching, read_state_dict, set_encoder_trainable
@@ -56,27 +54,11 @@ def test_freeze_encoder_only_touches_the_contracting_path():
     assert all(p.requires_grad for p in model.parameters())
 
 
-def _phantoms(root: Path, n_cases: int = 4, rgb: bool = False) -> Path:
-    rng = np.random.default_rng(0)
-    for c in range(n_cases):
-        d = root / f"case{c}"
-        d.mkdir(parents=True)
-        for k in range(3):
-            img = (rng.random((32, 32) + ((3,) if rgb else ())) * 100).astype(np.uint8)
-            mask = np.zeros((32, 32), np.uint8)
-            mask[8:16, 8:16] = 255
-            img[8:16, 8:16] = 220
-            PILImage.fromarray(img).save(d / f"case{c}_{k}.png")
-            PILImage.fromarray(mask).save(d / f"case{c}_{k}_mask.png")
-    (root / "splits.json").write_text(json.dumps({"train": ["case0", "case1"], "val": ["case2"], "test": ["case3"]}))
-    return root
-
-
 TINY = ["--size", "32", "--width", "4", "--depth", "2", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
 
 
 def test_pretrain_then_train_init_from_it(tmp_path, caplog):
-    data = _phantoms(tmp_path / "data")
+    data = labelled_phantoms(tmp_path / "data")
     assert main(["-q", "pretrain", str(data), "--out", str(tmp_path / "pre"), *TINY]) == 0
     meta = json.loads((tmp_path / "pre" / "model.json").read_text())
     assert meta["task"] == "anomaly" and meta["anomaly"]["normal_only"] is False
@@ -90,14 +72,14 @@ def test_pretrain_then_train_init_from_it(tmp_path, caplog):
 
 
 def test_init_with_a_model_of_another_channel_count_is_refused(tmp_path, capsys):
-    grey = _phantoms(tmp_path / "grey")
-    rgb = _phantoms(tmp_path / "rgb", rgb=True)
+    grey = labelled_phantoms(tmp_path / "grey")
+    rgb = labelled_phantoms(tmp_path / "rgb", rgb=True)
     assert main(["-q", "train", str(rgb), "--out", str(tmp_path / "rgb-model"), *TINY]) == 0
     rc = main(["-q", "train", str(grey), "--out", str(tmp_path / "m"), "--init", str(tmp_path / "rgb-model"), *TINY])
     assert rc == 2 and "3-channel images but these have 1" in " ".join(capsys.readouterr().err.split())
 
 
 def test_init_with_a_missing_path_is_a_clear_error(tmp_path, capsys):
-    data = _phantoms(tmp_path / "data")
+    data = labelled_phantoms(tmp_path / "data")
     rc = main(["-q", "train", str(data), "--out", str(tmp_path / "m"), "--init", str(tmp_path / "nope.pt"), *TINY])
     assert rc == 2 and "no such file or model directory" in " ".join(capsys.readouterr().err.split())

@@ -12,11 +12,10 @@ import json
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image as PILImage
 
+from conftest import labelled_phantoms
 from medanomaly.cli import main
 from medanomaly.config import load as load_config
 from medanomaly.errors import MedanomalyError
@@ -223,28 +222,12 @@ def test_freeze_encoder_freezes_the_resnet_and_its_batchnorm_statistics():
 
 # --- through the CLI -------------------------------------------------------------------------------
 
-def _phantoms(root: Path, n_cases: int = 4) -> Path:
-    rng = np.random.default_rng(0)
-    for c in range(n_cases):
-        d = root / f"case{c}"
-        d.mkdir(parents=True)
-        for k in range(3):
-            img = (rng.random((32, 32)) * 100).astype(np.uint8)
-            mask = np.zeros((32, 32), np.uint8)
-            mask[8:16, 8:16] = 255
-            img[8:16, 8:16] = 220
-            PILImage.fromarray(img).save(d / f"case{c}_{k}.png")
-            PILImage.fromarray(mask).save(d / f"case{c}_{k}_mask.png")
-    (root / "splits.json").write_text(json.dumps({"train": ["case0", "case1"], "val": ["case2"], "test": ["case3"]}))
-    return root
-
-
 TINY = ["--size", "64", "--width", "4", "--epochs", "1", "--batch-size", "4", "--max-minutes", "0.05",
         "--device", "cpu"]
 
 
 def test_train_with_a_torchvision_init_then_predict_and_export(tmp_path, fake_resnet18, caplog):
-    data = _phantoms(tmp_path / "data")
+    data = labelled_phantoms(tmp_path / "data")
     with caplog.at_level(logging.INFO, logger="medanomaly.init"):
         rc = main(["-q", "train", str(data), "--out", str(tmp_path / "m"), "--encoder", "resnet18",
                    "--init", str(fake_resnet18[0]), "--freeze-encoder-epochs", "1", *TINY])
@@ -261,7 +244,7 @@ def test_train_with_a_torchvision_init_then_predict_and_export(tmp_path, fake_re
 
 
 def test_train_with_weights_of_another_architecture_exits_2(tmp_path, capsys):
-    data = _phantoms(tmp_path / "data")
+    data = labelled_phantoms(tmp_path / "data")
     torch.save({"a.weight": torch.zeros(3, 3), "b.bias": torch.zeros(3)}, tmp_path / "random.pt")
     rc = main(["-q", "train", str(data), "--out", str(tmp_path / "m"), "--encoder", "resnet18",
                "--init", str(tmp_path / "random.pt"), *TINY])
