@@ -1,7 +1,9 @@
 """Speed on this machine: training and inference images/s of medanomaly's U-Net and MONAI's
 BasicUNet at the same base width and input size, measured in the same run; inference of the same
-network exported to ONNX and run by ONNX Runtime; achieved GFLOP/s against a large matmul and a
-bf16 convolution; the cost of augmentation.
+network exported to ONNX and run by ONNX Runtime; the default with ``torch.compile`` (Inductor);
+achieved GFLOP/s against a large matmul and a bf16 convolution; where a training step's time goes
+(convolutions vs the memory-bound rest, with the memory bandwidth of large elementwise ops); the
+cost of augmentation.
 
     python bench/speed.py [--size 128] [--batch 16] [--width 32] [--steps 10] [--model runs/lgg-default/model]
 
@@ -67,7 +69,7 @@ def infer_fn(model, x, precision):
     return step
 
 
-def bench_model(name, model, args, precision, channels_last) -> dict:
+def bench_model(name, model, args, precision, channels_last, compile_: bool = False) -> dict:
     x = torch.rand(args.batch, 1, args.size, args.size)
     y = (torch.rand_like(x) > 0.95).float()
     if channels_last:
@@ -75,9 +77,10 @@ def bench_model(name, model, args, precision, channels_last) -> dict:
         x = x.contiguous(memory_format=torch.channels_last)
     fwd = flops_of(model, x)
     model.train()
-    t_train = time_it(train_step_fn(model, x, y, precision), args.steps)
+    run = torch.compile(model) if compile_ else model  # compiled once per mode, in the warm-up steps
+    t_train = time_it(train_step_fn(run, x, y, precision), args.steps, warmup=3 if compile_ else 2)
     model.eval()
-    t_inf = time_it(infer_fn(model, x, precision), args.steps)
+    t_inf = time_it(infer_fn(run, x, precision), args.steps, warmup=3 if compile_ else 2)
     return {"model": name, "precision": precision, "channels_last": channels_last,
             "train_img_s": args.batch / t_train, "infer_img_s": args.batch / t_inf,
             "train_gflop_s": 3 * fwd / t_train / 1e9, "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
@@ -100,6 +103,44 @@ def peaks(args) -> dict:
                 t = time_it(lambda: conv(x), 5)
             best = max(best, 2 * ch * ch * 9 * args.batch * hw * hw / t / 1e9)
         out[name] = best
+    return out
+
+
+CONV_OPS = ("aten::mkldnn_convolution", "aten::convolution_backward", "aten::_convolution",
+            "aten::convolution", "aten::conv2d", "aten::conv_transpose2d")
+
+
+def step_breakdown(args, precision: str) -> dict:
+    """Self time per training step of the default U-Net (bf16, channels-last) from the profiler:
+    convolutions (forward and backward) against everything else, and GFLOP/s within the convolutions."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = UNet(UNetConfig(width=args.width)).to(memory_format=torch.channels_last)
+    x = torch.rand(args.batch, 1, args.size, args.size).contiguous(memory_format=torch.channels_last)
+    y = (torch.rand_like(x) > 0.95).float()
+    fwd = flops_of(model, x)
+    step = train_step_fn(model.train(), x, y, precision)
+    for _ in range(2):
+        step()
+    n = 3
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events) / n / 1e6  # seconds per step
+    conv = sum(e.self_cpu_time_total for e in events if e.key in CONV_OPS) / n / 1e6
+    top = sorted((e for e in events if e.key not in CONV_OPS), key=lambda e: -e.self_cpu_time_total)[:4]
+    return {"step_s": total, "conv_s": conv, "conv_gflop_s": 3 * fwd / conv / 1e9,
+            "others": [(e.key.removeprefix("aten::"), e.self_cpu_time_total / n / 1e6) for e in top]}
+
+
+def memory_bandwidth() -> dict:
+    """GB/s (read + write) of a bf16 LeakyReLU over 4 MB (cache-resident) and 64 MB (main memory)."""
+    out = {}
+    for mb in (4, 64):
+        x = torch.randn(mb * 2**20 // 2, dtype=torch.bfloat16)
+        t = time_it(lambda: F.leaky_relu(x, 0.01), 10)
+        out[f"{mb} MB"] = 2 * mb * 2**20 / t / 1e9
     return out
 
 
@@ -204,10 +245,14 @@ def main() -> int:
         bench_model(f"MONAI BasicUNet w{w}", BasicUNet(2, 1, 1, features=(w, w, 2 * w, 4 * w, 8 * w, w)),
                     args, bf16, True),
     ]
+    rows.append(bench_model(f"medanomaly UNet w{w}, torch.compile", UNet(UNetConfig(width=w)), args, bf16, True,
+                            compile_=True))
     rows.append(bench_3d(args, bf16))  # "3D training patches/s": batch 2, as train --dim 3
     onnx_rate = onnx_infer_img_s(UNet(UNetConfig(width=w)), args)
     pk = peaks(args)
     aug = augment_cost(args)
+    brk = step_breakdown(args, bf16)
+    bw = memory_bandwidth()
     print(f"input {args.size}x{args.size}, batch {args.batch}, {torch.get_num_threads()} threads, "
           f"CPU bf16: {cpu_has_bf16()}")
     print("| model | precision | channels-last | train img/s | infer img/s | train GFLOP/s | % of bf16 conv peak | params (M) |")
@@ -221,6 +266,12 @@ def main() -> int:
     print("| peak | GFLOP/s |\n|---|---|")
     for k, v in pk.items():
         print(f"| {k} | {v:.0f} |")
+    print(f"\ntraining step of the default (profiler, self time): {1000 * brk['step_s']:.0f} ms; convolutions "
+          f"{1000 * brk['conv_s']:.0f} ms ({100 * brk['conv_s'] / brk['step_s']:.0f}%) at {brk['conv_gflop_s']:.0f} "
+          f"GFLOP/s ({100 * brk['conv_gflop_s'] / pk['conv_bf16']:.0f}% of the bf16 conv peak); largest others: "
+          + ", ".join(f"{k} {1000 * v:.0f} ms" for k, v in brk["others"]))
+    print("memory bandwidth of a bf16 elementwise op (read + write): "
+          + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bw.items()))
     step = args.batch / rows[0]["train_img_s"]
     print(f"\naugmentation (all transforms on): {1000 * aug:.1f} ms per batch of {args.batch} "
           f"= {100 * aug / step:.1f}% of one default training step ({1000 * step:.0f} ms)")

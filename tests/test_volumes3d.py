@@ -173,6 +173,31 @@ def test_train_predict_evaluate_3d_on_the_labelled_nrrd_volumes_keeps_the_geomet
     summary = json.loads((ev / "summary.json").read_text())
     assert summary["n_cases"] == 1 and 0 <= summary["dice"] <= 1 and summary["split"] == "val"
     assert (ev / "predictions" / "brain2_image_pred.nrrd").is_file()
+    _check_onnx_3d(model, src_path, tmp_path)
+
+
+def _check_onnx_3d(model: Path, volume: Path, tmp_path: Path) -> None:
+    """Export the 3D network to ONNX (NCDHW patches); ONNX Runtime's sliding-window scores equal
+    PyTorch's in fp32, and `predict --runtime onnx` writes the volume in its geometry."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import SimpleITK as sitk
+
+    from medanomaly.export import OnnxRunner
+    from medanomaly.io import read_image
+    from medanomaly.predict import Predictor
+
+    _run("export", str(model))
+    doc = json.loads((model / "model.onnx.json").read_text())
+    assert doc["input"]["shape"] == ["N", 1, 16, 32, 32] and doc["input"]["layout"].startswith("NCDHW")
+    assert "sliding windows" in doc["input"]["resize"] and doc["output"]["shape"] == ["N", 1, 16, 32, 32]
+    image = read_image(volume)
+    torch_pred = Predictor(model)
+    torch_pred.precision = "fp32"
+    np.testing.assert_allclose(OnnxRunner(model).scores(image), torch_pred.scores(image), atol=1e-4)
+    _run("predict", str(model), str(volume), "--out", str(tmp_path / "onnx"), "--runtime", "onnx")
+    out = sitk.ReadImage(str(tmp_path / "onnx" / "brain2_image_pred.nrrd"))
+    assert out.GetSize() == sitk.ReadImage(str(volume)).GetSize()
 
 
 @needs["ixi"]

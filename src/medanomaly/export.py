@@ -4,7 +4,8 @@
 What is exported is the network only, in fp32, channels first (NCHW), with a dynamic batch axis:
 
 - input ``image``: (N, C, size, size) float32, the image normalised and resized as predict does
-  (described in the JSON sidecar ``<model>.onnx.json``);
+  (described in the JSON sidecar ``<model>.onnx.json``); for a 3D model (N, C, *patch), patches of
+  the volume resampled to the training spacing, scored by Gaussian-weighted sliding windows;
 - output ``logits`` (supervised task: ``sigmoid(logits)`` is the lesion probability) or
   ``reconstruction`` (anomaly task: the network's normal-looking version of the input).
 
@@ -68,8 +69,8 @@ def export_onnx(model_dir: Path, out_path: Path | None = None, opset: int = 17) 
     """Export the network of ``model_dir`` to ONNX (``out_path``, default ``model_dir/model.onnx``)
     and write the sidecar ``<out_path>.json``; return ``out_path``.
 
-    fp32, eval mode, NCHW input ``image`` of shape (N, channels, size, size) with a dynamic batch
-    axis N; output ``logits`` (supervised) or ``reconstruction`` (anomaly). Both files are written
+    fp32, eval mode, NCHW input ``image`` of shape (N, channels, size, size) (3D models: NCDHW,
+    (N, channels, *patch)) with a dynamic batch axis N; output ``logits`` (supervised) or ``reconstruction`` (anomaly). Both files are written
     atomically. After export, ONNX Runtime is run on two random images and compared with the
     PyTorch network (fp32): a difference above :data:`VERIFY_ATOL` is an error; the value found is
     recorded in the sidecar. Raises :class:`MedanomalyError` for a model without a network (the
@@ -81,9 +82,6 @@ def export_onnx(model_dir: Path, out_path: Path | None = None, opset: int = 17) 
         method = predictor.anomaly.method if predictor.anomaly else "?"
         raise MedanomalyError(f"{model_dir} uses the '{method}' anomaly method, which has no network: "
                               "nothing to export (its score is the normalised intensity itself)")
-    if predictor.model.config.dim != 2:
-        raise MedanomalyError(f"{model_dir} holds a {predictor.model.config.dim}D network; only 2D networks "
-                              "are exported")
     if not isinstance(opset, int) or not 13 <= opset <= 20:
         raise MedanomalyError(f"ONNX opset {opset!r} is not supported; use 13..20 (default 17)")
     _require("onnx")  # torch.onnx.export (dynamo=False) serialises through it
@@ -91,10 +89,10 @@ def export_onnx(model_dir: Path, out_path: Path | None = None, opset: int = 17) 
     out_path = Path(out_path) if out_path is not None else model_dir / "model.onnx"
     output_name = output_name_of(predictor)
     model = predictor.model.float().to(memory_format=torch.contiguous_format).eval()
-    example = torch.zeros(2, predictor.channels, predictor.size, predictor.size)
+    example = torch.zeros(2, *input_shape(predictor))
     with atomic_path(out_path) as tmp:
         _torch_export(model, example, tmp, output_name, opset)
-        max_diff = _verify(model, tmp, predictor.channels, predictor.size)
+        max_diff = _verify(model, tmp, input_shape(predictor))
         digest = _sha256(tmp)
     sidecar = describe(predictor, out_path, opset, output_name, digest, max_diff)
     atomic_write_text(sidecar_path(out_path), json.dumps(sidecar, indent=2))
@@ -143,8 +141,15 @@ def new_session(path: Path, threads: int | None = None):
                               "re-export it with 'medanomaly export'") from exc
 
 
-def _verify(model: torch.nn.Module, path: Path, channels: int, size: int) -> float:
-    x = torch.rand(2, channels, size, size, generator=torch.Generator().manual_seed(0))
+def input_shape(predictor: Predictor) -> list[int]:
+    """The network input without the batch axis: [C, size, size], or [C, *patch] for a 3D model."""
+    if predictor.dim == 3:
+        return [predictor.channels, *map(int, predictor.patch)]
+    return [predictor.channels, predictor.size, predictor.size]
+
+
+def _verify(model: torch.nn.Module, path: Path, shape: list[int]) -> float:
+    x = torch.rand(2, *shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(x).numpy()
     (got,) = new_session(path).run(None, {INPUT_NAME: x.numpy()})
@@ -219,7 +224,30 @@ def describe(predictor: Predictor, onnx_path: Path, opset: int, output_name: str
     }
     if not supervised:
         doc["anomaly"] = meta.get("anomaly")
+    if predictor.dim == 3:
+        _describe_3d(doc, predictor, out_channels)
     return doc
+
+
+def _describe_3d(doc: dict[str, Any], predictor: Predictor, out_channels: int) -> None:
+    """The sidecar's input/output/score entries for a 3D model: patches and sliding windows."""
+    from medanomaly.infer3d import OVERLAP
+
+    patch, c = [int(p) for p in predictor.patch], predictor.channels
+    doc["input"].update({"shape": ["N", c, *patch], "layout": "NCDHW (channels first)", "patch": patch,
+                         "spacing_mm": predictor.spacing})
+    doc["input"].pop("size", None)
+    doc["input"]["slicing"] = ("a volume (C, Z, Y, X) is normalised as a whole, then resampled (trilinear, "
+                               f"align_corners=False) to the training spacing {predictor.spacing} mm; a folder of "
+                               "2D slices is stacked into one volume in slice order (spacing 1 x pixel spacing)")
+    doc["input"]["resize"] = (f"sliding windows of {patch} voxels with {OVERLAP:g} overlap (volumes smaller than "
+                              "a patch zero-padded); the window outputs are averaged with Gaussian weights, "
+                              "sigma = patch / 8 (MONAI sliding_window_inference, mode='gaussian')")
+    doc["output"]["shape"] = ["N", out_channels, *patch]
+    doc["score"] = doc["score"].replace("resized back to the image's size (bilinear",
+                                        "the stitched volume resampled back to the input grid (trilinear")
+    doc["score"] = doc["score"].replace("at the model size, then resized back", "at the training spacing, then "
+                                        "resampled back")
 
 
 def onnx_forward(session) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -250,7 +278,7 @@ def load_session(onnx_path: Path, predictor: Predictor, threads: int | None = No
                                   f"(retrained since?); re-export it with 'medanomaly export {predictor.model_dir}'")
     session = new_session(onnx_path, threads)
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    want = [predictor.channels, predictor.size, predictor.size]
+    want = input_shape(predictor)
     expected_output = output_name_of(predictor)
     if len(inputs) != 1 or list(inputs[0].shape[1:]) != want or [o.name for o in outputs] != [expected_output]:
         raise MedanomalyError(f"{onnx_path} (input {[i.shape for i in inputs]}, outputs {[o.name for o in outputs]}) "

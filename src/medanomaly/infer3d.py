@@ -32,8 +32,6 @@ def volume_scores(predictor, image: Image, batch: int = 2) -> np.ndarray:
     """Probability (supervised) or anomaly map (float32, ``image.spatial_shape``) of a volume
     (C, Z, Y, X); a 2D image (C, H, W) is scored as a one-slice volume. ``predictor``: a
     :class:`medanomaly.predict.Predictor` whose model.json says dim 3."""
-    if predictor.runtime != "torch":
-        raise MedanomalyError("--runtime onnx runs 2D models only; predict 3D models with --runtime torch")
     a = normalize(image.array, predictor.normalization, image.geometry.kind, image.geometry.meta.get("dtype"))
     flat = a.ndim == 3
     a = a[:, None] if flat else a
@@ -50,7 +48,12 @@ def volume_scores(predictor, image: Image, batch: int = 2) -> np.ndarray:
 
 
 def _forward(predictor):
+    """The network on a batch of patches (N, C, *patch) -> float32 on the CPU: ONNX Runtime's
+    session for ``runtime='onnx'`` (medanomaly.export), else the PyTorch model in its precision."""
     from medanomaly.runtime import autocast
+
+    if predictor.runtime == "onnx":
+        return predictor._forward
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         with autocast(predictor.device, predictor.precision):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from medanomaly import config as config_mod
+from medanomaly import distributed
 from medanomaly.anomaly import anomaly_loss, output_channels
 from medanomaly.atomic import atomic_torch_save, atomic_write_text
 from medanomaly.augment import augment_batch
@@ -72,9 +73,10 @@ def prepare3d(data: Path, out: Path, cfg: TrainConfig, splits_file, device: torc
     log.info("3D: %d train / %d val volumes at spacing %s (%s), median shape %s voxels, patch %s voxels",
              len(train), len(val), cfg.spacing, source,
              tuple(int(s) for s in shapes), cfg.patch)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "splits.json", json.dumps(splits, indent=1))
-    config_mod.save(cfg, out / "config.json")
+    if distributed.is_main():  # under torchrun, rank 0 alone writes files
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out / "splits.json", json.dumps(splits, indent=1))
+        config_mod.save(cfg, out / "config.json")
     return train, val, cfg
 
 
@@ -91,7 +93,7 @@ def precision_3d(model: torch.nn.Module, cfg: TrainConfig, dev: torch.device, in
     one bf16 training step on random patches gives non-finite weight gradients, then fp32. PyTorch
     2.13's oneDNN bf16 Conv3d weight gradient returns NaN for some shapes on the CPU (e.g. 128 -> 64
     channels on 4 x 32 x 32 voxels, the third decoder level of a width-16 U-Net on 16 x 128 x 128
-    patches); the check costs one step."""
+    patches); the check costs one step. Under torchrun rank 0 decides for every process."""
     import copy
 
     precision = choose_precision(cfg.precision, dev)
@@ -102,7 +104,8 @@ def precision_3d(model: torch.nn.Module, cfg: TrainConfig, dev: torch.device, in
     with autocast(dev, precision):
         out = probe(x)
     out.float().square().mean().backward()
-    if all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in probe.parameters()):
+    finite = all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in probe.parameters())
+    if distributed.broadcast_object(finite):
         return precision
     log.warning("bf16 3D convolutions give non-finite gradients for this patch and network on this CPU "
                 "(a oneDNN bug in PyTorch %s); training in fp32 (slower)", torch.__version__)
@@ -179,6 +182,8 @@ def run_epoch3d(model, opt, vols: Sequence[Volume], cfg: TrainConfig, gen: torch
     for _ in bar:
         lr = lr_at(cfg, state.step, warmup, max(state.step / total_steps,
                                                  (state.elapsed + time.perf_counter() - t0) / budget))
+        if math.isfinite(budget):  # a time-based schedule follows rank 0's clock on every process
+            lr = distributed.broadcast_object(lr)
         for group in opt.param_groups:
             group["lr"] = lr
         x, y, _ = sample_patches(vols, cfg.patch_batch, cfg.patch, cfg.foreground_fraction, gen)
@@ -207,21 +212,22 @@ def train3d(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: st
     from medanomaly.train import (METRIC_FIELDS, RunState, TrainResult, _append_metrics, _check_init_channels,
                                   _remove_stale_temp_files, _resume, _save_state, check_out_dir, make_optimizer)
 
-    from medanomaly import distributed
-
     assert "images_per_s" in METRIC_FIELDS  # metrics.csv: patches per second in that column
     check_3d_config(cfg)
-    if distributed.world_size() > 1:
-        raise MedanomalyError("3D training (--dim 3) runs in one process; start it without torchrun")
+    distributed.check_batch(cfg.patch_batch)  # under torchrun: the global batch of patches
     data, out, dev = Path(data), Path(out), torch.device(device)
     ckpt_path = check_out_dir(out, resume)
-    _remove_stale_temp_files(out)
+    if distributed.is_main():
+        _remove_stale_temp_files(out)
     if cfg.init and not resume:
         read_state_dict(cfg.init)
     train_vols, val_vols, cfg = prepare3d(data, out, cfg, splits_file, dev, progress)
     in_ch = int(train_vols[0].image.shape[0])
+    main = distributed.is_main()
     if cfg.task == "anomaly" and cfg.anomaly.method == "intensity":  # a baseline: nothing to train
-        calibrate_and_save(out, cfg, data, in_ch, -1, float("nan"), device=dev, progress=progress)
+        if main:
+            calibrate_and_save(out, cfg, data, in_ch, -1, float("nan"), device=dev, progress=progress)
+        distributed.barrier()
         return TrainResult(out, -1, float("nan"), 0, 0.0)
     if cfg.model.norm == "batch" and cfg.patch_batch < 8:
         log.warning("batch norm with %d patches per step is noisy; --norm instance is the 3D choice (nnU-Net)",
@@ -240,7 +246,9 @@ def train3d(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: st
         state = _resume(ckpt_path, model, opt, gen, out / "metrics.csv")
     else:
         state = RunState()
-        (out / "metrics.csv").unlink(missing_ok=True)
+        if main:
+            (out / "metrics.csv").unlink(missing_ok=True)
+    step_model = distributed.data_parallel(model)  # every rank draws the same global batch of patches
     budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else float("inf")
     log.info("3D training on %d volumes (%d val), patch %s, %d patches per epoch, %s, precision %s, budget %.1f min",
              len(train_vols), len(val_vols), cfg.patch, cfg.patches_per_epoch, device, precision, cfg.max_minutes)
@@ -248,25 +256,29 @@ def train3d(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: st
         if state.elapsed >= budget or state.bad_epochs >= cfg.patience:
             break
         t0 = time.perf_counter()
-        train_loss, lr, n_patches = run_epoch3d(model, opt, train_vols, cfg, gen, state, budget, dev, precision,
+        train_loss, lr, n_patches = run_epoch3d(step_model, opt, train_vols, cfg, gen, state, budget, dev, precision,
                                                 loss_fn, progress)
-        if cfg.task == "anomaly":
+        if not main:  # rank 0 validates; every process takes its numbers, so stopping decisions agree
+            val_loss, val_score = math.nan, math.nan
+        elif cfg.task == "anomaly":
             val_loss, val_score = validate_anomaly3d(model, val_vols, cfg, precision, dev)
         else:
             val_loss, val_score = validate3d(model, val_vols, loss_fn, cfg.patch, precision, dev, cfg.patch_batch)
-        seconds = time.perf_counter() - t0
+        val_loss, val_score, seconds = distributed.broadcast_object((val_loss, val_score, time.perf_counter() - t0))
         state.epoch, state.elapsed = epoch, state.elapsed + seconds
         improved = val_score > state.best or state.best_epoch < 0  # a NaN score still keeps the first epoch
         if improved:
             state.best, state.best_epoch, state.bad_epochs = val_score, epoch, 0
-            atomic_torch_save(model.state_dict(), out / "model.pt")
+            if main:
+                atomic_torch_save(model.state_dict(), out / "model.pt")
         else:
             state.bad_epochs += 1
-        _append_metrics(out / "metrics.csv", {
-            "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
-            "val_dice": val_score if cfg.task == "supervised" else math.nan, "lr": lr, "seconds": seconds,
-            "images_per_s": n_patches / seconds})
-        _save_state(ckpt_path, model, opt, gen, state)
+        if main:
+            _append_metrics(out / "metrics.csv", {
+                "epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                "val_dice": val_score if cfg.task == "supervised" else math.nan, "lr": lr, "seconds": seconds,
+                "images_per_s": n_patches / seconds})
+            _save_state(ckpt_path, model, opt, gen, state)
         log.info("epoch %d: train loss %.4f, val loss %.4f, val score %.4f%s (%.0f s)", epoch, train_loss, val_loss,
                  val_score, " *" if improved else "", seconds)
         if state.bad_epochs >= cfg.patience:
@@ -275,5 +287,7 @@ def train3d(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: st
         if state.elapsed + seconds > budget * 1.02:
             log.info("time budget of %.1f min reached", cfg.max_minutes)
             break
-    calibrate_and_save(out, cfg, data, in_ch, state.best_epoch, state.best, device=dev, progress=progress)
+    if main:
+        calibrate_and_save(out, cfg, data, in_ch, state.best_epoch, state.best, device=dev, progress=progress)
+    distributed.barrier()  # the other processes return once model.json is written
     return TrainResult(out, state.best_epoch, state.best, state.epoch + 1, state.elapsed)
