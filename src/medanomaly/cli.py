@@ -52,6 +52,9 @@ def _add_train(sub) -> None:
     p.add_argument("--patience", type=int, help="early stopping: epochs without improvement (default 15)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"])
     p.add_argument("--no-augment", action="store_true", help="turn augmentation off")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training network (Inductor): about 18%% more images/s at 128x128 on a "
+                        "bf16 CPU after about a minute of compiling; 2D, one process, needs a C++ compiler")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
                    help="supervised: average the prediction with that of the left-right flipped image")
     p.add_argument("--task", choices=["supervised", "anomaly"],
@@ -231,7 +234,7 @@ def cmd_train(args) -> int:
                  "optimizer": args.optimizer, "patience": args.patience, "precision": args.precision,
                  "model.width": args.width, "model.depth": args.depth, "model.norm": args.norm,
                  "model.encoder": args.encoder,
-                 "augment.enabled": False if args.no_augment else None, "task": args.task, "tta": args.tta,
+                 "augment.enabled": False if args.no_augment else None, "compile": args.compile, "task": args.task, "tta": args.tta,
                  "anomaly.method": args.method, "anomaly.noise_res": args.noise_res,
                  "anomaly.noise_std": args.noise_std, "anomaly.target_fpr": args.target_fpr,
                  "init": str(args.init) if args.init else None, "freeze_encoder_epochs": args.freeze_encoder_epochs,

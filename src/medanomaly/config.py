@@ -41,6 +41,7 @@ class TrainConfig:
     normalization: str = "auto"
     precision: str = "auto"  # bf16 autocast where the CPU/GPU supports it
     channels_last: bool = True
+    compile: bool = False  # torch.compile the training network (Inductor; 2D, one process; needs a C++ compiler)
     tta: bool = False  # predict also on the left-right flipped image and average (2x inference time)
     init: str | None = None  # start from these weights: a model directory or a .pt state dict
     freeze_encoder_epochs: int = 0  # with init: train only the decoder for this many epochs

@@ -32,7 +32,7 @@ from medanomaly.init import load_matching, read_state_dict, set_encoder_trainabl
 from medanomaly.losses import get_loss
 from medanomaly.metrics import Stats, dice
 from medanomaly.models import UNet, build_model
-from medanomaly.runtime import autocast, choose_precision, set_seed
+from medanomaly.runtime import autocast, choose_precision, compile_model, set_seed
 
 log = logging.getLogger(__name__)
 METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds", "images_per_s"]
@@ -311,6 +311,8 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
              len(train_set), len(val_set), device, precision, cfg.max_minutes)
     main, world, trainable, step_model = distributed.is_main(), distributed.world_size(), None, model
     if world > 1:
+        if cfg.compile:
+            raise MedanomalyError("--compile runs in one process; start the run without torchrun or drop --compile")
         distributed.check_batch(cfg.batch_size, len(train_set))
         log.info("data parallel: %d processes, global batch %d (%d per process)", world, cfg.batch_size,
                  cfg.batch_size // world)
@@ -322,6 +324,8 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
         if trainable != [p.requires_grad for p in model.parameters()]:  # DDP registers the trainable ones once
             trainable = [p.requires_grad for p in model.parameters()]
             step_model = distributed.data_parallel(model)
+            if cfg.compile:  # validation runs the eager model: one compiled graph, training mode only
+                step_model = compile_model(step_model)
         t0 = time.perf_counter()
         train_loss, lr = _run_epoch(step_model, opt, train_set, cfg, gen, state, budget, dev, precision, loss_fn,
                                     progress, extras)

@@ -255,7 +255,7 @@ def check_3d_config(cfg) -> None:
                               f"{cfg.patch_batch})")
     unsupported = {"--extra": cfg.extra, "--unlabelled": cfg.unlabelled, "--synthetic-lesions": cfg.synthetic_lesions,
                    "--method synthetic": cfg.task == "anomaly" and cfg.anomaly.method == "synthetic",
-                   "--encoder": cfg.model.encoder != "plain"}
+                   "--encoder": cfg.model.encoder != "plain", "--compile": cfg.compile}
     used = [k for k, v in unsupported.items() if v]
     if used:
         raise MedanomalyError(f"{', '.join(used)} {'is' if len(used) == 1 else 'are'} 2D only; drop "
