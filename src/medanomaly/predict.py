@@ -264,45 +264,6 @@ def write_prediction(pred: Prediction, stem: Path, dicom_seg: bool = False) -> d
     return {"regions": region_table(pred.mask, pred.score, g.spacing if g.spacing_known else None), **outputs}
 
 
-def _pipelined(shard: list[tuple[int, Path, Path]], predictor: Predictor, dicom_seg: bool,
-               depth: int = 2) -> Iterator[tuple[int, Path, Path, dict | MedanomalyError]]:
-    """(index, stem, path, regions record or the error) for each (index, stem, path) of ``shard``.
-
-    Reading the next files and writing the previous results (image decoding, PNG/NIfTI encoding:
-    work outside the GIL) run in two background threads while the network runs on this one; at
-    most ``depth`` images are read ahead and ``depth`` results wait to be written, so memory stays
-    bounded whatever the number of files. Results come in input order."""
-    from collections import deque
-    from concurrent.futures import ThreadPoolExecutor
-
-    def predict_one(future):
-        try:
-            return predictor.predict(future.result())
-        except MedanomalyError as exc:
-            return exc
-
-    def write(pred, stem):
-        return pred if isinstance(pred, MedanomalyError) else write_prediction(pred, stem, dicom_seg)
-
-    with ThreadPoolExecutor(1, thread_name_prefix="read") as reader, \
-            ThreadPoolExecutor(1, thread_name_prefix="write") as writer:
-        reads = deque(reader.submit(read_image, path) for _, _, path in shard[:depth])
-        writes: deque = deque()
-        for k, (index, stem, path) in enumerate(shard):
-            if k + depth < len(shard):
-                reads.append(reader.submit(read_image, shard[k + depth][2]))
-            writes.append((index, stem, path, writer.submit(write, predict_one(reads.popleft()), stem)))
-            while len(writes) > depth or (writes and k == len(shard) - 1):
-                yield _finished(*writes.popleft())
-
-
-def _finished(index: int, stem: Path, path: Path, future) -> tuple[int, Path, Path, dict | MedanomalyError]:
-    try:
-        return index, stem, path, future.result()
-    except MedanomalyError as exc:
-        return index, stem, path, exc
-
-
 def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Path, device: str = "cpu",
                   overwrite: bool = False, progress: bool = True, runtime: str = "torch",
                   dicom_seg: bool = True) -> dict:
@@ -336,16 +297,15 @@ def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Pa
         recs, fails = predict_items_3d(predictor, items if distributed.is_main() else [], out, dicom_seg, progress)
         records, failed, items = list(enumerate(recs)), list(enumerate(fails)), []
     rank, world = distributed.rank(), distributed.world_size()  # under torchrun: every world-th file here
-    shard = [(k * world + rank, output_stem(out, root, path), path) for k, (root, path) in enumerate(items[rank::world])]
-    bar = tqdm(total=len(shard), desc="predict", unit="img", disable=not progress)
-    for index, stem, path, result in _pipelined(shard, predictor, dicom_seg):
-        bar.update()
-        if isinstance(result, MedanomalyError):
+    for k, (root, path) in enumerate(tqdm(items[rank::world], desc="predict", unit="img", disable=not progress)):
+        stem, index = output_stem(out, root, path), k * world + rank
+        try:
+            rec = write_prediction(predictor.predict(read_image(path)), stem, dicom_seg)
+        except MedanomalyError as exc:
             log.info("skipped %s (reported at the end)", path.name)
-            failed.append((index, {"input": str(path), "error": str(result)}))
-        else:
-            records.append((index, {"case": str(stem.relative_to(out)), **result}))
-    bar.close()
+            failed.append((index, {"input": str(path), "error": str(exc)}))
+            continue
+        records.append((index, {"case": str(stem.relative_to(out)), **rec}))
     shards = distributed.gather_objects((records, failed))  # back in input order, as one process writes them
     records = [r for _, r in sorted((x for recs, _ in shards for x in recs), key=lambda t: t[0])]
     failed = [f for _, f in sorted((x for _, fails in shards for x in fails), key=lambda t: t[0])]
