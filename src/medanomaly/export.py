@@ -70,8 +70,8 @@ def export_onnx(model_dir: Path, out_path: Path | None = None, opset: int = 17) 
     and write the sidecar ``<out_path>.json``; return ``out_path``.
 
     fp32, eval mode, NCHW input ``image`` of shape (N, channels, size, size) (3D models: NCDHW,
-    (N, channels, *patch)) with a dynamic batch axis N; output ``logits`` (supervised) or ``reconstruction`` (anomaly). Both files are written
-    atomically. After export, ONNX Runtime is run on two random images and compared with the
+    (N, channels, *patch)) with a dynamic batch axis N; output ``logits`` (supervised) or
+    ``reconstruction`` (anomaly). Both files are written atomically. After export, ONNX Runtime is run on two random images and compared with the
     PyTorch network (fp32): a difference above :data:`VERIFY_ATOL` is an error; the value found is
     recorded in the sidecar. Raises :class:`MedanomalyError` for a model without a network (the
     'intensity' anomaly method) and for anything that stops the export.
