@@ -20,6 +20,15 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="module")
+def phantoms(tmp_path_factory) -> Path:
+    """medanomaly's demo phantoms, 5 cases x 4 slices of 48x48: 12 training slices (3 steps of 4),
+    4 val, 4 test."""
+    from medanomaly.demo import make_phantoms
+
+    return make_phantoms(tmp_path_factory.mktemp("phantoms"), n_cases=5, slices=4, size=48)
+
+
 def labelled_phantoms(root: Path, n_cases: int = 4, rgb: bool = False) -> Path:
     """Tiny 32x32 image/mask pairs (a bright 8x8 lesion) in case folders, with a 2/1/1 splits.json."""
     rng = np.random.default_rng(0)

@@ -25,7 +25,6 @@ from PIL import Image as PILImage
 
 from medanomaly import distributed
 from medanomaly.cli import main
-from medanomaly.demo import make_phantoms
 from medanomaly.errors import MedanomalyError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -44,12 +43,6 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
            "-m", "medanomaly", *args]
     return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    """5 synthetic cases x 4 slices: 12 training slices (3 steps of 4), 4 val, 4 test."""
-    return make_phantoms(tmp_path_factory.mktemp("phantoms"), n_cases=5, slices=4, size=48)
 
 
 @pytest.fixture(scope="module")

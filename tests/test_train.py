@@ -11,7 +11,6 @@ import torch
 
 from medanomaly import runtime
 from medanomaly.cli import main
-from medanomaly.demo import make_phantoms
 from medanomaly.errors import MedanomalyError
 from medanomaly.predict import Predictor
 
@@ -22,11 +21,6 @@ TINY = ["--size", "32", "--width", "4", "--depth", "2", "--epochs", "2", "--batc
 def _losses(model_dir: Path) -> list[float]:
     with (model_dir / "metrics.csv").open() as fh:
         return [float(r["train_loss"]) for r in csv.DictReader(fh)]
-
-
-@pytest.fixture(scope="module")
-def phantoms(tmp_path_factory) -> Path:
-    return make_phantoms(tmp_path_factory.mktemp("phantoms"), n_cases=5, slices=4, size=48)
 
 
 @pytest.mark.skipif(not any(shutil.which(c) for c in ("g++", "c++", "clang++")), reason="no C++ compiler for Inductor")
