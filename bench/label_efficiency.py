@@ -81,8 +81,8 @@ def run_job(job: dict) -> dict:
 
 
 def _pretrain(job: dict) -> dict:
-    from medanomaly import config
-    from medanomaly.train import train
+    from medanomaly.config import schema as config
+    from medanomaly.train.loop import train
 
     cfg = config.load(None, {"task": "anomaly", "anomaly.method": "denoise", "anomaly.normal_only": False,
                              "max_minutes": job["minutes"], "seed": 0})
@@ -91,7 +91,7 @@ def _pretrain(job: dict) -> dict:
 
 
 def _gan(job: dict) -> dict:
-    from medanomaly.gan import GanConfig, synthesize
+    from medanomaly.train.gan import GanConfig, synthesize
 
     cfg = GanConfig(minutes=job["minutes"], seed=job["seed"])
     synthesize(job["data"], Path(job["out"]) / "pairs", job["n_pairs"], cfg, splits_file=job["splits"], progress=False)
@@ -99,9 +99,9 @@ def _gan(job: dict) -> dict:
 
 
 def _train_and_test(job: dict) -> dict:
-    from medanomaly import config
-    from medanomaly.evaluate import evaluate_model
-    from medanomaly.train import train
+    from medanomaly.config import schema as config
+    from medanomaly.evaluate.score import evaluate_model
+    from medanomaly.train.loop import train
 
     cfg = config.load(None, {"max_minutes": job["minutes"], "seed": job["seed"], **overrides_for(tuple(job["remedies"]), job)})
     out = Path(job["out"])

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
-from medanomaly import config
-from medanomaly.evaluate import evaluate_model
-from medanomaly.train import train
+from medanomaly.config import schema as config
+from medanomaly.evaluate.score import evaluate_model
+from medanomaly.train.loop import train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lgg-flair"
 

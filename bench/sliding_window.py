@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from medanomaly.models import UNet, UNetConfig
-from medanomaly.runtime import autocast, cpu_has_bf16
-from medanomaly.sliding import sliding_window
+from medanomaly.models.unet import UNet, UNetConfig
+from medanomaly.core.runtime import autocast, cpu_has_bf16
+from medanomaly.infer.sliding import sliding_window
 
 
 def best_time(fn, repeats: int) -> tuple[float, torch.Tensor]:
@@ -63,7 +63,7 @@ def main() -> int:
           f"{args.overlap}, batch {args.batch}, 3D U-Net w{args.width} {precision}, {torch.get_num_threads()} threads")
     print("| implementation | seconds (best of %d) | max abs difference |" % args.repeats)
     print("|---|---|---|")
-    print(f"| medanomaly.sliding.sliding_window | {t_ours:.3f} | - |")
+    print(f"| medanomaly.infer.sliding.sliding_window | {t_ours:.3f} | - |")
     print(f"| monai.inferers.sliding_window_inference (gaussian) | {t_monai:.3f} | {diff:.2e} |")
     return 0
 

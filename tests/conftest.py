@@ -24,7 +24,7 @@ def _one_thread():
 def phantoms(tmp_path_factory) -> Path:
     """medanomaly's demo phantoms, 5 cases x 4 slices of 48x48: 12 training slices (3 steps of 4),
     4 val, 4 test."""
-    from medanomaly.demo import make_phantoms
+    from medanomaly.apps.demo import make_phantoms
 
     return make_phantoms(tmp_path_factory.mktemp("phantoms"), n_cases=5, slices=4, size=48)
 

@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from medanomaly.anomaly import AnomalyConfig, coarse_noise, foreground, image_score, residual_map
-from medanomaly.cli import main
-from medanomaly.errors import MedanomalyError
-from medanomaly.metrics import threshold_at_fpr
-from medanomaly.postprocess import foreground_mask
+from medanomaly.anomaly.methods import AnomalyConfig, coarse_noise, foreground, image_score, residual_map
+from medanomaly.apps.cli import main
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.metrics.functional import threshold_at_fpr
+from medanomaly.data.foreground import foreground_mask
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LGG = DATA / "lgg-flair"

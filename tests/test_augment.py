@@ -1,11 +1,11 @@
-"""Tests for medanomaly.augment: seeding, pass-through, binary masks, shared geometry, flips."""
+"""Tests for medanomaly.data.augment: seeding, pass-through, binary masks, shared geometry, flips."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from medanomaly.augment import AugmentConfig, augment_batch
+from medanomaly.data.augment import AugmentConfig, augment_batch
 
 NO_INTENSITY = dict(p_gamma=0.0, p_contrast=0.0, p_noise=0.0)
 

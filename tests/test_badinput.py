@@ -1,6 +1,6 @@
 """Bad input, end to end: a corpus of broken, odd and hostile inputs generated in tmp_path from
 the real files of ../shared/data (nothing binary is committed), fed to ``medanomaly train``,
-``predict`` and ``evaluate`` (in-process through ``medanomaly.cli.main``, plus one subprocess run
+``predict`` and ``evaluate`` (in-process through ``medanomaly.apps.cli.main``, plus one subprocess run
 to prove no traceback reaches stderr).
 
 The contract (README, "Bad input"): a user error ends with one paragraph on stderr naming the
@@ -41,9 +41,9 @@ from PIL import Image as PILImage
 from PIL import ImageFile
 
 import medanomaly.io as mio
-from medanomaly.cli import build_parser, main
-from medanomaly.data import discover
-from medanomaly.errors import MedanomalyError
+from medanomaly.apps.cli import build_parser, main
+from medanomaly.data.slices import discover
+from medanomaly.core.errors import MedanomalyError
 from medanomaly.io import read_image, read_mask
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -824,7 +824,7 @@ def test_image_without_mask_is_left_out_of_supervised_training(tmp_path: Path, c
     shutil.copy(extra, data / PATIENTS[0] / extra.name)  # an image without its mask, in a training case
     (data / "TCGA_EXTRA").mkdir()
     shutil.copy(extra, data / "TCGA_EXTRA" / "TCGA_EXTRA_1_flair.png")  # a case without any mask
-    caplog.set_level(logging.INFO, logger="medanomaly.train")
+    caplog.set_level(logging.INFO, logger="medanomaly.train.loop")
     rc, err = _cli(capsys, "train", data, "--out", tmp_path / "model", *TINY)
     assert rc == 0, err
     assert "training on 2 slices (1 val)" in caplog.text  # one labelled slice per training patient

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from medanomaly.cli import main
+from medanomaly.apps.cli import main
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LGG = DATA / "lgg-flair"
@@ -151,7 +151,7 @@ def test_missing_data_folder_exit_code_2_without_traceback(tmp_path):
 
 
 def test_demo_runs_end_to_end_on_synthetic_phantoms(tmp_path):
-    from medanomaly.demo import run_demo
+    from medanomaly.apps.demo import run_demo
 
     summary = run_demo(tmp_path / "demo", max_minutes=0.15, progress=False)
     html = (tmp_path / "demo" / "eval" / "report.html").read_text()

@@ -9,12 +9,12 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medanomaly.cli import main
+from medanomaly.apps.cli import main
 
 pytest.importorskip("highdicom")
 pytest.importorskip("onnxruntime")
 
-from medanomaly.dicomseg import read_dicom_seg  # noqa: E402
+from medanomaly.io.dicomseg import read_dicom_seg  # noqa: E402
 from test_export import make_model_dir  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

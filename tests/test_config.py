@@ -1,4 +1,4 @@
-"""Tests for medanomaly.config: defaults, JSON files, dotted overrides, errors, round trips."""
+"""Tests for medanomaly.config.schema: defaults, JSON files, dotted overrides, errors, round trips."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from medanomaly.augment import AugmentConfig
-from medanomaly.config import (
+from medanomaly.data.augment import AugmentConfig
+from medanomaly.config.schema import (
     OPTIMIZERS,
     TrainConfig,
     from_dict,
@@ -16,8 +16,8 @@ from medanomaly.config import (
     save,
     with_changes,
 )
-from medanomaly.errors import MedanomalyError
-from medanomaly.models import UNetConfig
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.models.unet import UNetConfig
 
 
 def test_defaults_valid():

@@ -1,4 +1,4 @@
-"""Tests for medanomaly.data: layouts found by discover(), case ids, splits, normalisation and
+"""Tests for medanomaly.data.slices: layouts found by discover(), case ids, splits, normalisation and
 in-memory slice sets (tiny synthetic folders, plus the real data sets where present)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from medanomaly.data import (
+from medanomaly.data.slices import (
     IMAGE_TOKENS,
     MASK_TOKENS,
     SliceSet,
@@ -27,7 +27,7 @@ from medanomaly.data import (
     strip_token,
     to_slices,
 )
-from medanomaly.errors import MedanomalyError
+from medanomaly.core.errors import MedanomalyError
 from medanomaly.io import read_image
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -13,8 +13,8 @@ from scipy import ndimage
 
 pytest.importorskip("highdicom")
 
-from medanomaly.dicomseg import SERIES_DESCRIPTION, read_dicom_seg, sorted_series_datasets, write_dicom_seg  # noqa: E402
-from medanomaly.errors import MedanomalyError  # noqa: E402
+from medanomaly.io.dicomseg import SERIES_DESCRIPTION, read_dicom_seg, sorted_series_datasets, write_dicom_seg  # noqa: E402
+from medanomaly.core.errors import MedanomalyError  # noqa: E402
 from medanomaly.io import read_image  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

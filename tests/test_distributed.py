@@ -23,9 +23,9 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from medanomaly import distributed
-from medanomaly.cli import main
-from medanomaly.errors import MedanomalyError
+from medanomaly.core import distributed as distributed
+from medanomaly.apps.cli import main
+from medanomaly.core.errors import MedanomalyError
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LGG = DATA / "lgg-flair"

@@ -16,15 +16,15 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")  # torch.onnx.export (dynamo=False) needs it
 
-from medanomaly.anomaly import AnomalyConfig  # noqa: E402
-from medanomaly.calibrate import model_meta  # noqa: E402
-from medanomaly.config import TrainConfig  # noqa: E402
-from medanomaly.errors import MedanomalyError  # noqa: E402
-from medanomaly.export import OnnxRunner, export_onnx, onnx_forward, sidecar_path  # noqa: E402
+from medanomaly.anomaly.methods import AnomalyConfig  # noqa: E402
+from medanomaly.calibrate.search import model_meta  # noqa: E402
+from medanomaly.config.schema import TrainConfig  # noqa: E402
+from medanomaly.core.errors import MedanomalyError  # noqa: E402
+from medanomaly.infer.export import OnnxRunner, export_onnx, onnx_forward, sidecar_path  # noqa: E402
 from medanomaly.io import Geometry, Image, read_image  # noqa: E402
-from medanomaly.models import UNet, UNetConfig  # noqa: E402
-from medanomaly.postprocess import PostprocessParams  # noqa: E402
-from medanomaly.predict import Predictor  # noqa: E402
+from medanomaly.models.unet import UNet, UNetConfig  # noqa: E402
+from medanomaly.postprocess.ops import PostprocessParams  # noqa: E402
+from medanomaly.infer.predictor import Predictor  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LGG = DATA / "lgg-flair"

@@ -41,7 +41,7 @@ from hypothesis import strategies as st
 from PIL import Image as PILImage
 
 import medanomaly.io as mio
-from medanomaly.errors import MedanomalyError
+from medanomaly.core.errors import MedanomalyError
 from medanomaly.io import read_image, read_mask
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from conftest import labelled_phantoms
-from medanomaly.cli import main
-from medanomaly.errors import MedanomalyError
-from medanomaly.init import load_matching, read_state_dict, set_encoder_trainable
-from medanomaly.models import UNet, UNetConfig
+from medanomaly.apps.cli import main
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.models.init import load_matching, read_state_dict, set_encoder_trainable
+from medanomaly.models.unet import UNet, UNetConfig
 
 
 def test_load_matching_loads_same_shapes_and_reports_the_others(tmp_path, caplog):
@@ -62,7 +62,7 @@ def test_pretrain_then_train_init_from_it(tmp_path, caplog):
     assert main(["-q", "pretrain", str(data), "--out", str(tmp_path / "pre"), *TINY]) == 0
     meta = json.loads((tmp_path / "pre" / "model.json").read_text())
     assert meta["task"] == "anomaly" and meta["anomaly"]["normal_only"] is False
-    with caplog.at_level(logging.INFO, logger="medanomaly.init"):
+    with caplog.at_level(logging.INFO, logger="medanomaly.models.init"):
         rc = main(["train", str(data), "--out", str(tmp_path / "sup"), "--init", str(tmp_path / "pre"),
                    "--freeze-encoder-epochs", "1", *TINY])
     assert rc == 0

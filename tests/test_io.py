@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from PIL import Image as PILImage
 
-from medanomaly.errors import MedanomalyError
+from medanomaly.core.errors import MedanomalyError
 from medanomaly.io import (
     IMAGE_SUFFIXES,
     Geometry,

@@ -1,4 +1,4 @@
-"""Tests for medanomaly.losses: values that can be checked by hand, weights, the registry."""
+"""Tests for medanomaly.models.losses: values that can be checked by hand, weights, the registry."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from medanomaly.losses import LOSSES, bce, bce_dice, get_loss, soft_dice
+from medanomaly.models.losses import LOSSES, bce, bce_dice, get_loss, soft_dice
 
 BIG = 50.0
 

@@ -1,4 +1,4 @@
-"""Tests of medanomaly.metrics against small hand-computed examples."""
+"""Tests of medanomaly.metrics.functional against small hand-computed examples."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from sklearn import metrics as skm
 
-from medanomaly import metrics as M
-from medanomaly.metrics import Stats
+from medanomaly.metrics import functional as M
+from medanomaly.metrics.functional import Stats
 
 # pred (4x4):    truth (4x4):
 #  1 1 0 0        0 1 1 0

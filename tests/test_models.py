@@ -1,11 +1,12 @@
-"""Tests for medanomaly.models: output shapes over a grid of variants, validation, gradients."""
+"""Tests for medanomaly.models.unet: output shapes over a grid of variants, validation, gradients."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from medanomaly.models import NORMS, UNet, UNetConfig, build_model, count_parameters
+from medanomaly.models.build import build_model, count_parameters
+from medanomaly.models.unet import NORMS, UNet, UNetConfig
 
 WIDTH = 4
 

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from medanomaly import config
-from medanomaly.cli import main
-from medanomaly.errors import MedanomalyError
-from medanomaly.plan import (DataFingerprint, MachineInfo, fingerprint, for_run, load_plan, make_plan,
+from medanomaly.config import schema as config
+from medanomaly.apps.cli import main
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.train.plan import (DataFingerprint, MachineInfo, fingerprint, for_run, load_plan, make_plan,
                              save_plan)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"

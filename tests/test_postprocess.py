@@ -1,4 +1,4 @@
-"""Tests of medanomaly.postprocess on small hand-made masks and one real FLAIR slice."""
+"""Tests of medanomaly.postprocess.ops on small hand-made masks and one real FLAIR slice."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis.extra import numpy as hnp
 
-from medanomaly import postprocess as P
-from medanomaly.postprocess import PostprocessParams
+from medanomaly.postprocess import ops as P
+from medanomaly.postprocess.ops import PostprocessParams
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FLAIR = DATA / "lgg-flair" / "TCGA_CS_4941_19960909" / "TCGA_CS_4941_19960909_10_flair.png"

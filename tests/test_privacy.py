@@ -26,7 +26,7 @@ import pydicom
 import pytest
 from PIL import Image as PILImage
 
-from medanomaly.cli import build_parser, main
+from medanomaly.apps.cli import build_parser, main
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LGG = DATA / "lgg-flair"

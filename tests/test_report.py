@@ -1,4 +1,4 @@
-"""Tests for medanomaly.report: the self-contained HTML report and gallery selection."""
+"""Tests for medanomaly.evaluate.report: the self-contained HTML report and gallery selection."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medanomaly.report import SYNTHETIC_BANNER, GalleryItem, select_gallery, write_report
+from medanomaly.evaluate.report import SYNTHETIC_BANNER, GalleryItem, select_gallery, write_report
 
 
 def _item(case: str, seed: int, with_truth: bool = True) -> GalleryItem:

@@ -20,9 +20,9 @@ import pytest
 import torch
 
 import medanomaly
-from medanomaly.cli import main
-from medanomaly.predict import read_model_meta
-from medanomaly.train import METRIC_FIELDS
+from medanomaly.apps.cli import main
+from medanomaly.infer.predictor import read_model_meta
+from medanomaly.train.loop import METRIC_FIELDS
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LGG = DATA / "lgg-flair"

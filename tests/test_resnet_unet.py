@@ -16,12 +16,13 @@ import pytest
 import torch
 
 from conftest import labelled_phantoms
-from medanomaly.cli import main
-from medanomaly.config import load as load_config
-from medanomaly.errors import MedanomalyError
-from medanomaly.init import load_matching, set_encoder_trainable
-from medanomaly.models import ENCODERS, UNet, UNetConfig, build_model
-from medanomaly.resnet_unet import ResNetUNet
+from medanomaly.apps.cli import main
+from medanomaly.config.schema import load as load_config
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.models.init import load_matching, set_encoder_trainable
+from medanomaly.models.build import build_model
+from medanomaly.models.unet import ENCODERS, UNet, UNetConfig
+from medanomaly.models.resnet_unet import ResNetUNet
 
 # torchvision resnet18().state_dict(), in order: "NAME.weight|bias d0,d1,..." is one tensor; any other
 # "NAME C" is a BatchNorm2d (bn1, bn2, downsample.1): NAME.weight, .bias, .running_mean, .running_var of
@@ -185,7 +186,7 @@ def test_resnet34_encoder_has_torchvision_layout():
 def test_init_from_a_torchvision_file_loads_the_encoder_and_lists_the_rest(fake_resnet18, caplog):
     path, state = fake_resnet18
     model = build_model(UNetConfig(width=4, encoder="resnet18"))
-    with caplog.at_level(logging.INFO, logger="medanomaly.init"):
+    with caplog.at_level(logging.INFO, logger="medanomaly.models.init"):
         report = load_matching(model, path)
     assert sorted(report["loaded"]) == sorted(k for k in state if not k.startswith("fc."))
     assert report["unused"] == ["fc.weight", "fc.bias"] and not report["shape_mismatch"]
@@ -228,7 +229,7 @@ TINY = ["--size", "64", "--width", "4", "--epochs", "1", "--batch-size", "4", "-
 
 def test_train_with_a_torchvision_init_then_predict_and_export(tmp_path, fake_resnet18, caplog):
     data = labelled_phantoms(tmp_path / "data")
-    with caplog.at_level(logging.INFO, logger="medanomaly.init"):
+    with caplog.at_level(logging.INFO, logger="medanomaly.models.init"):
         rc = main(["-q", "train", str(data), "--out", str(tmp_path / "m"), "--encoder", "resnet18",
                    "--init", str(fake_resnet18[0]), "--freeze-encoder-epochs", "1", *TINY])
     assert rc == 0 and "unused: fc.weight, fc.bias" in caplog.text
@@ -238,7 +239,7 @@ def test_train_with_a_torchvision_init_then_predict_and_export(tmp_path, fake_re
     assert rc == 0 and len(list((tmp_path / "pred").rglob("*_pred.png"))) == 3
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from medanomaly.export import export_onnx
+    from medanomaly.infer.export import export_onnx
 
     assert export_onnx(tmp_path / "m").is_file()  # verified against PyTorch inside
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from medanomaly.cli import main
-from medanomaly.models import UNet, UNetConfig
-from medanomaly.semisup import MeanTeacher
+from medanomaly.apps.cli import main
+from medanomaly.models.unet import UNet, UNetConfig
+from medanomaly.train.semisup import MeanTeacher
 
 
 def _tiny() -> UNet:
@@ -117,7 +117,7 @@ def test_unlabelled_default_pretrains_on_labelled_and_unlabelled_then_fine_tunes
     first in MODEL/pretrain for pretrain_share of the budget; the supervised run starts from it."""
     import logging
 
-    from medanomaly.semisup import DEFAULT_UNLABELLED_METHOD
+    from medanomaly.train.semisup import DEFAULT_UNLABELLED_METHOD
 
     splits = tmp_path / "few.json"
     splits.write_text(json.dumps({"train": ["a"], "val": ["c"], "test": ["d"], "unlabelled": ["b"]}))

@@ -25,14 +25,14 @@ pytest.importorskip("multipart")
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
-from medanomaly.anomaly import AnomalyConfig  # noqa: E402
-from medanomaly.calibrate import model_meta  # noqa: E402
-from medanomaly.cli import build_parser  # noqa: E402
-from medanomaly.config import TrainConfig  # noqa: E402
-from medanomaly.errors import MedanomalyError  # noqa: E402
-from medanomaly.models import UNet, UNetConfig  # noqa: E402
-from medanomaly.postprocess import PostprocessParams  # noqa: E402
-from medanomaly.serve import bind, check_type, create_app, extract_zip, is_loopback, make_server, sniff  # noqa: E402
+from medanomaly.anomaly.methods import AnomalyConfig  # noqa: E402
+from medanomaly.calibrate.search import model_meta  # noqa: E402
+from medanomaly.apps.cli import build_parser  # noqa: E402
+from medanomaly.config.schema import TrainConfig  # noqa: E402
+from medanomaly.core.errors import MedanomalyError  # noqa: E402
+from medanomaly.models.unet import UNet, UNetConfig  # noqa: E402
+from medanomaly.postprocess.ops import PostprocessParams  # noqa: E402
+from medanomaly.apps.serve import bind, check_type, create_app, extract_zip, is_loopback, make_server, sniff  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LGG_SLICE = DATA / "lgg-flair" / "TCGA_CS_4944_20010208" / "TCGA_CS_4944_20010208_10_flair.png"
@@ -279,7 +279,7 @@ def _nifti_gz_head() -> bytes:
 def test_cli_serve_arguments(model_dir, capsys):
     args = build_parser().parse_args(["serve", str(model_dir), "--port", "0", "--max-upload-mb", "5"])
     assert (args.command, args.host, args.port, args.max_upload_mb) == ("serve", "127.0.0.1", 0, 5.0)
-    from medanomaly.cli import main
+    from medanomaly.apps.cli import main
 
     sock = bind("127.0.0.1", 0)  # a port in use: one clear error, exit code 2
     try:

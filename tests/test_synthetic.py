@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medanomaly.synthetic import LesionStats, add_synthetic_lesions, paste_lesion
+from medanomaly.data.synthetic import LesionStats, add_synthetic_lesions, paste_lesion
 
 STATS = LesionStats(mean=0.8, std=0.05, contrast=0.3)
 
@@ -71,7 +71,7 @@ def test_batch_paste_touches_only_lesion_free_samples_and_is_seeded():
 def test_train_with_synthetic_lesions(tmp_path):
     from PIL import Image as PILImage
 
-    from medanomaly.cli import main
+    from medanomaly.apps.cli import main
 
     rng = np.random.default_rng(0)
     for c in range(4):
@@ -97,7 +97,7 @@ def test_train_with_synthetic_lesions(tmp_path):
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 10_000))
 def test_pasted_anomaly_changes_only_its_mask_inside_the_foreground(seed):
-    from medanomaly.synthetic import paste_anomaly
+    from medanomaly.data.synthetic import paste_anomaly
 
     img, donor = _head(), torch.rand(1, 64, 64)
     fg = (img > 0.1).float()
@@ -109,7 +109,7 @@ def test_pasted_anomaly_changes_only_its_mask_inside_the_foreground(seed):
 
 
 def test_add_synthetic_anomalies_rate_and_inputs_unchanged():
-    from medanomaly.synthetic import add_synthetic_anomalies
+    from medanomaly.data.synthetic import add_synthetic_anomalies
 
     imgs = torch.stack([_head(32)] * 40)
     fg = (imgs > 0.1).float()
@@ -125,9 +125,9 @@ def test_synthetic_anomaly_method_trains_predicts_and_exports(tmp_path):
     """method 'synthetic': a 1-channel logit network, its sigmoid is the map; model.json and ONNX agree."""
     from PIL import Image as PILImage
 
-    from medanomaly.cli import main
+    from medanomaly.apps.cli import main
     from medanomaly.io import read_image
-    from medanomaly.predict import Predictor
+    from medanomaly.infer.predictor import Predictor
 
     data = tmp_path / "normals"
     rng = np.random.default_rng(0)
@@ -147,7 +147,7 @@ def test_synthetic_anomaly_method_trains_predicts_and_exports(tmp_path):
     assert score.shape == (48, 48) and 0.0 <= score.min() and score.max() <= 1.0
     assert main(["-q", "export", str(model)]) == 0
     sidecar = json.loads((model / "model.onnx.json").read_text())
-    from medanomaly.export import OnnxRunner
+    from medanomaly.infer.export import OnnxRunner
 
     onnx_score = OnnxRunner(model).scores(read_image(data / "case3" / "s0.png"))
     assert np.abs(onnx_score - score).max() < 1e-3

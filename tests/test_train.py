@@ -1,4 +1,4 @@
-"""Training options of medanomaly.train that the CLI tests do not reach: ``--compile``."""
+"""Training options of medanomaly.train.loop that the CLI tests do not reach: ``--compile``."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from medanomaly import runtime
-from medanomaly.cli import main
-from medanomaly.errors import MedanomalyError
-from medanomaly.predict import Predictor
+from medanomaly.core import runtime as runtime
+from medanomaly.apps.cli import main
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.infer.predictor import Predictor
 
 TINY = ["--size", "32", "--width", "4", "--depth", "2", "--epochs", "2", "--batch-size", "4", "--precision", "fp32",
         "--no-plan", "--device", "cpu"]

@@ -1,4 +1,4 @@
-"""Tests for medanomaly.visualize: display scaling, overlays, PNG writing, slice choice."""
+"""Tests for medanomaly.infer.overlay: display scaling, overlays, PNG writing, slice choice."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medanomaly.visualize import PRED_RGB, TRUTH_RGB, best_slice, overlay_rgb, save_png, to_display
+from medanomaly.infer.overlay import PRED_RGB, TRUTH_RGB, best_slice, overlay_rgb, save_png, to_display
 
 
 def _square(h: int = 32, w: int = 40, lo: int = 8, hi: int = 20) -> np.ndarray:

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from medanomaly.cli import main
-from medanomaly.data import discover
-from medanomaly.sliding import gaussian_importance, sliding_window, window_starts
-from medanomaly.volumes import (Volume, crop, default_patch, group_volumes, read_volume, read_volume_mask, resample,
+from medanomaly.apps.cli import main
+from medanomaly.data.slices import discover
+from medanomaly.infer.sliding import gaussian_importance, sliding_window, window_starts
+from medanomaly.data.volumes import (Volume, crop, default_patch, group_volumes, read_volume, read_volume_mask, resample,
                                 resample_mask, resampled_shape, sample_patches)
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -183,9 +183,9 @@ def _check_onnx_3d(model: Path, volume: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     import SimpleITK as sitk
 
-    from medanomaly.export import OnnxRunner
+    from medanomaly.infer.export import OnnxRunner
     from medanomaly.io import read_image
-    from medanomaly.predict import Predictor
+    from medanomaly.infer.predictor import Predictor
 
     _run("export", str(model))
     doc = json.loads((model / "model.onnx.json").read_text())
@@ -229,10 +229,10 @@ def test_anomaly_3d_on_healthy_ixi_volumes_keeps_the_affine(tmp_path):
 
 @needs["lgg"]
 def test_3d_on_lgg_patient_folders_stacks_and_writes_per_slice(tmp_path):
-    from medanomaly import config
-    from medanomaly.evaluate import evaluate_model
-    from medanomaly.predict import predict_paths
-    from medanomaly.train import train
+    from medanomaly.config import schema as config
+    from medanomaly.evaluate.score import evaluate_model
+    from medanomaly.infer.predictor import predict_paths
+    from medanomaly.train.loop import train
 
     splits = json.loads((LGG / "splits.json").read_text())
     picked = {k: splits[k][:1] for k in ("train", "val", "test")}

@@ -1,4 +1,5 @@
 import sys
-from medanomaly.cli import main
+
+from medanomaly.apps.cli import main
 
 sys.exit(main())

@@ -11,7 +11,7 @@ import pydicom
 from pydicom.pixels import apply_modality_lut, get_decoder
 from pydicom.uid import JPEG2000TransferSyntaxes
 
-from medanomaly.errors import MedanomalyError
+from medanomaly.core.errors import MedanomalyError
 from medanomaly.io.image import Geometry, _reversed_geometry, full_suffix
 from medanomaly.io.safety import _check_size, library_notes
 

@@ -9,7 +9,7 @@ import numpy as np
 import tifffile
 from PIL import Image as PILImage
 
-from medanomaly.errors import MedanomalyError
+from medanomaly.core.errors import MedanomalyError
 from medanomaly.io.image import Geometry
 from medanomaly.io.safety import _check_size
 

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from medanomaly.errors import MedanomalyError
+from medanomaly.core.errors import MedanomalyError
 from medanomaly.io.dicom import _has_dicm, _read_dicom_file, _read_dicom_series, is_dicom_series_dir
 from medanomaly.io.image import IMAGE_SUFFIXES, Geometry, Image, full_suffix
 from medanomaly.io.raster import _read_pillow, _read_tiff

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from medanomaly.errors import MedanomalyError
+from medanomaly.core.errors import MedanomalyError
 
 
 def _max_pixels() -> int:

@@ -12,7 +12,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
-from medanomaly.errors import MedanomalyError
+from medanomaly.core.errors import MedanomalyError
 from medanomaly.io.image import Geometry, _reversed_geometry, full_suffix
 from medanomaly.io.safety import _capture_fd2, _check_size, _itk_reason
 

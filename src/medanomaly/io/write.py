@@ -12,7 +12,7 @@ import SimpleITK as sitk
 import tifffile
 from PIL import Image as PILImage
 
-from medanomaly.atomic import atomic_path
+from medanomaly.core.atomic import atomic_path
 from medanomaly.io.image import Image, affine_from_geometry
 
 

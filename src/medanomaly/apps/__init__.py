@@ -1,0 +1,1 @@
+"""What users run: the CLI, the Python API, the demo, and the web viewer."""

@@ -1,0 +1,1 @@
+"""Choosing on the validation split what training cannot: anomaly map settings, thresholds and post-processing."""

@@ -1,0 +1,20 @@
+"""Every option list of medanomaly, in one place: the configs validate against these tuples and the
+CLI builds its ``choices`` from them, so the two cannot disagree."""
+
+from __future__ import annotations
+
+TASKS = ("supervised", "anomaly")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+PRECISIONS = ("auto", "bf16", "fp32")
+LOSSES = ("bce", "dice", "bce+dice")  # segmentation losses on logits (medanomaly.models.losses)
+NORMS = ("batch", "instance", "group", "none")
+ENCODERS = ("plain", "resnet18", "resnet34")
+NORMALIZATIONS = ("auto", "percentile", "ct", "none")
+ANOMALY_METHODS = ("denoise", "identity", "intensity", "synthetic")
+RESIDUALS = ("abs", "positive", "negative")
+UNLABELLED_METHODS = ("auto", "mean-teacher", "pretrain", "pretrain+mean-teacher")
+# what `train --unlabelled` does unless told otherwise: the remedy that measured best with few labels
+# (bench/label_efficiency.py, README "Learning from few labels")
+DEFAULT_UNLABELLED_METHOD = "pretrain"
+RUNTIMES = ("torch", "onnx")
+SECTIONS = ("model", "augment", "anomaly")  # the nested sections of a TrainConfig

@@ -1,0 +1,302 @@
+"""Evaluation: predictions against truth, per case and overall, written as cases.csv and
+summary.json (and report.html).
+
+Conventions (also in the README): a case is a patient/volume (the slices of a case are pooled);
+Dice of a case with empty truth and empty prediction is 1, with empty truth and any predicted
+pixel 0. Sensitivity of a case without lesion is undefined (NaN) and left out of means.
+Pixel AUROC/AUPRC pool every pixel of every evaluated image. Lesions are connected components
+of each image (each 2D slice, or each volume); a predicted component that overlaps a true one is
+a hit. Thresholds and post-processing come from the model directory (chosen on validation).
+"""
+
+from __future__ import annotations
+
+import csv
+import io as _io
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medanomaly.anomaly.methods import image_score
+from medanomaly.calibrate.search import fit_intensity_baseline
+from medanomaly.core.atomic import atomic_write_text
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.data.slices import Sample, discover, load_splits
+from medanomaly.evaluate.report import GalleryItem, select_gallery, write_report
+from medanomaly.infer.overlay import best_slice
+from medanomaly.infer.predictor import Predictor, check_output_dir, output_stem, write_prediction
+from medanomaly.infer.volume import iter_volumes, slice_predictions
+from medanomaly.io import read_image, read_mask, stem_of
+from medanomaly.metrics import functional as M
+
+log = logging.getLogger(__name__)
+CASE_FIELDS = ["case", "n_images", "dice", "iou", "sensitivity", "specificity", "precision", "tp", "fp", "fn",
+               "tn", "n_true_lesions", "n_pred_lesions"]
+
+
+@dataclass
+class Accumulator:
+    """Running totals over the evaluated images; one image at a time (scores kept for AUROC)."""
+
+    per_case: dict[str, M.Stats] = field(default_factory=dict)
+    lesions_case: dict[str, dict] = field(default_factory=dict)
+    n_images: dict[str, int] = field(default_factory=dict)
+    scores: list[np.ndarray] = field(default_factory=list)
+    truths: list[np.ndarray] = field(default_factory=list)
+    gallery: dict[str, tuple] = field(default_factory=dict)
+    image_scores: list[float] = field(default_factory=list)  # anomaly task: one score per 2D image
+    image_labels: list[bool] = field(default_factory=list)
+
+    def pooled(self) -> tuple[np.ndarray, np.ndarray]:
+        """All scores and truths as two flat arrays, concatenated once (summary and curves share them)."""
+        if len(self.scores) > 1:
+            self.scores, self.truths = [np.concatenate(self.scores)], [np.concatenate(self.truths)]
+        return self.scores[0], self.truths[0]
+
+    def add(self, case: str, pred: np.ndarray, truth: np.ndarray, score: np.ndarray | None, image: np.ndarray | None = None) -> None:
+        s = M.get_stats(pred, truth)
+        self.per_case[case] = self.per_case[case] + s if case in self.per_case else s
+        ls = M.lesion_stats(pred, truth)
+        self.lesions_case[case] = M.add_lesion_stats(self.lesions_case[case], ls) if case in self.lesions_case else ls
+        self.n_images[case] = self.n_images.get(case, 0) + 1
+        if score is not None:
+            self.scores.append(score.astype(np.float32).ravel())
+            self.truths.append(truth.astype(bool).ravel())
+        if image is not None and score is not None:
+            self._keep_for_gallery(case, image, score, pred, truth)
+
+    def _keep_for_gallery(self, case, image, score, pred, truth) -> None:
+        """Keep, per case, the 2D slice showing the most lesion (truth, else prediction)."""
+        if score.ndim == 3:
+            k = best_slice(score, pred, truth)
+            image, score, pred, truth = image[:, k], score[k], pred[k], truth[k]
+        weight = int(truth.sum()) * 10 + int(pred.sum())
+        if case not in self.gallery or weight > self.gallery[case][0]:
+            self.gallery[case] = (weight, image, score, pred, truth)
+
+
+def case_rows(acc: Accumulator) -> list[dict]:
+    rows = []
+    for case, s in acc.per_case.items():
+        ls = acc.lesions_case[case]
+        rows.append({"case": case, "n_images": acc.n_images[case], "dice": M.dice(s), "iou": M.iou(s),
+                     "sensitivity": M.sensitivity(s), "specificity": M.specificity(s), "precision": M.precision(s),
+                     "tp": s.tp, "fp": s.fp, "fn": s.fn, "tn": s.tn,
+                     "n_true_lesions": ls["n_true"], "n_pred_lesions": ls["n_pred"]})
+    return rows
+
+
+def summarize(acc: Accumulator) -> dict:
+    """summary.json content: pooled pixel metrics, per-case means, lesion-wise detection."""
+    if not acc.per_case:
+        raise MedanomalyError("nothing to evaluate: no image had both a prediction and a mask")
+    pooled = sum(acc.per_case.values(), M.Stats(0, 0, 0, 0))
+    lesions = {"n_true": 0, "n_pred": 0, "tp_true": 0, "tp_pred": 0}
+    for ls in acc.lesions_case.values():
+        lesions = M.add_lesion_stats(lesions, ls)
+    case_dice = [M.dice(s) for s in acc.per_case.values()]
+    out = {"n_cases": len(acc.per_case), "n_images": sum(acc.n_images.values()),
+           "dice": M.dice(pooled), "iou": M.iou(pooled), "sensitivity": M.sensitivity(pooled),
+           "specificity": M.specificity(pooled), "precision": M.precision(pooled), "f1": M.f1(pooled),
+           "auroc": float("nan"), "auprc": float("nan"),
+           "dice_per_case_mean": float(np.mean(case_dice)), "dice_per_case_std": float(np.std(case_dice)),
+           "dice_per_case_median": float(np.median(case_dice)),
+           **M.lesion_metrics(lesions), "lesions": lesions}
+    if acc.scores:
+        s, t = acc.pooled()
+        out["auroc"], out["auprc"] = M.auroc(s, t), M.auprc(s, t)
+    if acc.image_scores and acc.scores:
+        out["image_auroc"] = M.auroc(np.asarray(acc.image_scores), np.asarray(acc.image_labels))
+        t_best, d_best = M.best_dice_threshold(s, t, n_thresholds=200)
+        out["oracle_dice"] = d_best
+        out["oracle_threshold"] = t_best
+        out["oracle_note"] = "optimistic: best pooled Dice over thresholds chosen on the evaluated cases themselves"
+    return out
+
+
+def curves(acc: Accumulator, max_points: int = 400) -> dict:
+    """ROC and PR curves (subsampled for plotting) from the pooled scores."""
+    if not acc.scores:
+        return {}
+    s, t = acc.pooled()
+    if t.all() or not t.any():
+        return {}
+    fpr, tpr, _ = M.roc_curve(s, t)
+    prec, rec, _ = M.pr_curve(s, t)
+    pick = lambda a: a[np.linspace(0, len(a) - 1, min(len(a), max_points)).astype(int)].tolist()  # noqa: E731
+    return {"roc": {"fpr": pick(fpr), "tpr": pick(tpr)}, "pr": {"precision": pick(prec), "recall": pick(rec)}}
+
+
+def write_tables(out: Path, rows: list[dict], summary: dict) -> None:
+    buf = _io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=CASE_FIELDS)
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
+    atomic_write_text(out / "cases.csv", buf.getvalue())
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+
+
+def _json_default(o):
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    raise TypeError(type(o))
+
+
+def select(data: Path, split: str | None, splits_file: str | Path | None) -> list[Sample]:
+    """Labelled samples of ``data`` in ``split`` (all of them when split is None)."""
+    samples = [s for s in discover(data) if s.mask is not None]
+    if not samples:
+        raise MedanomalyError(f"no image/mask pairs in {data}: evaluation needs masks (see README, 'Data layouts')")
+    if split is None:
+        return samples
+    if splits_file is None and (data / "splits.json").is_file():
+        splits_file = data / "splits.json"
+    if splits_file is None:
+        raise MedanomalyError(f"--split {split} needs a split file: pass --splits FILE (the model's splits.json) "
+                              f"or put splits.json in {data}; or pass --split all")
+    cases = set(load_splits(splits_file, sorted({s.case for s in samples}))[split])
+    chosen = [s for s in samples if s.case in cases]
+    if not chosen:
+        raise MedanomalyError(f"split '{split}' of {splits_file} has no labelled images in {data}")
+    return chosen
+
+
+def find_prediction(pred_dir: Path, data: Path, sample: Sample, kind: str = "pred") -> Path | None:
+    rel = sample.image.relative_to(data)
+    found = sorted((pred_dir / rel.parent).glob(f"{stem_of(sample.image)}_{kind}.*"))
+    return found[0] if found else None
+
+
+def _finish(acc: Accumulator, out: Path, extra: dict, history: list[dict] | None, title: str, synthetic: bool,
+            notes: list[str]) -> dict:
+    rows = case_rows(acc)
+    summary = {**summarize(acc), **extra}
+    write_tables(out, rows, summary)
+
+    dice_of = {r["case"]: r["dice"] for r in rows}
+    picks = select_gallery([(c, dice_of[c]) for c in acc.gallery])
+    gallery = {name: [GalleryItem(c, *acc.gallery[c][1:], dice=dice_of[c]) for c in ids] for name, ids in picks.items()}
+    curve = curves(acc)
+    if curve:  # the operating point: the saved threshold and post-processing, pooled
+        curve["operating_point"] = {"fpr": 1 - summary["specificity"], "tpr": summary["sensitivity"],
+                                    "precision": summary["precision"], "recall": summary["sensitivity"]}
+    write_report(out, summary, rows, history=history, gallery=gallery, curves=curve, title=title,
+                 synthetic=synthetic, notes=notes)
+    return summary
+
+
+def _history(model_dir: Path) -> list[dict] | None:
+    path = model_dir / "metrics.csv"
+    if not path.is_file():
+        return None
+    with path.open() as fh:
+        return list(csv.DictReader(fh))
+
+
+def _predict_and_score(predictor, samples: list[Sample], data: Path, pred_dir: Path | None,
+                       progress: bool) -> Accumulator:
+    """Run ``predictor`` on each sample as ``predict`` does (writing under pred_dir if given) and
+    accumulate the scores against the masks."""
+    from tqdm import tqdm
+
+    if getattr(predictor, "dim", 2) == 3:  # whole volumes (stacked slices too), written slice by slice
+
+        return predict_and_score_3d(predictor, samples, data, pred_dir, progress)
+    acc = Accumulator()
+    for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
+        img = read_image(s.image)
+        truth = read_mask(s.mask, like=img)  # before writing anything for this sample
+        pred = predictor.predict(img)
+        if pred_dir is not None:
+            write_prediction(pred, output_stem(pred_dir, data, s.image))
+        acc.add(s.case, pred.mask, truth, pred.score, img.array if pred_dir is not None else None)
+        if predictor.anomaly is not None:  # image-level detection, per 2D image (slice)
+            per_slice = [(pred.score, truth)] if pred.score.ndim == 2 else list(zip(pred.score, truth))
+            acc.image_scores += [image_score(sc, predictor.anomaly) for sc, _ in per_slice]
+            acc.image_labels += [bool(tr.any()) for _, tr in per_slice]
+    return acc
+
+
+def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, split: str | None = "test",
+                   splits_file: str | Path | None = None, device: str = "cpu", progress: bool = True,
+                   synthetic: bool = False) -> dict:
+    """Predict the ``split`` of ``data`` with the model (exactly as ``predict`` does, writing the
+    same files under ``out/predictions``), then score. The model's own splits.json is the
+    default split file, so test cases are the ones training never saw. An anomaly model is
+    compared with the intensity baseline, calibrated on the same validation split."""
+    model_dir, data, out = Path(model_dir), Path(data), Path(out)
+    check_output_dir(out, [data])
+    if splits_file is None and split is not None and (model_dir / "splits.json").is_file():
+        splits_file = model_dir / "splits.json"
+    samples = select(data, split, splits_file)
+    predictor = Predictor(model_dir, device)
+    acc = _predict_and_score(predictor, samples, data, out / "predictions", progress)
+    post = predictor.post.to_dict()
+    calibration = predictor.meta.get("calibration", {})
+    extra = {"split": split or "all", "model": str(model_dir), "task": predictor.task, "postprocess": post,
+             "threshold_source": f"validation split ({calibration.get('mode', 'Dice on val')}), saved in model.json",
+             "calibration": calibration}
+    if predictor.anomaly is not None and predictor.anomaly.method != "intensity":
+        extra["method"] = predictor.anomaly.method
+        extra["baseline"] = _baseline_summary(model_dir, data, out / "baseline-model", samples, device, progress)
+    notes = [f"Threshold {post['threshold']:.4g} and post-processing {post} were chosen on the validation split "
+             "during training; nothing was tuned on these cases.",
+             "Dice per case pools all slices of a case; empty truth and empty prediction score 1."]
+    return _finish(acc, out, extra, _history(model_dir), f"medanomaly evaluation ({split or 'all'} split)", synthetic, notes)
+
+
+def _baseline_summary(model_dir: Path, data: Path, base_dir: Path, samples: list[Sample], device: str,
+                      progress: bool) -> dict:
+    """The intensity baseline on the same cases, calibrated on the model's own val split."""
+    fit_intensity_baseline(model_dir, data, base_dir, device=device, progress=progress)
+    summary = summarize(_predict_and_score(Predictor(base_dir, device), samples, data, None, progress))
+    return {"method": "intensity", **summary}
+
+
+def evaluate_predictions(pred_dir: str | Path, data: str | Path, out: str | Path, split: str | None = None,
+                         splits_file: str | Path | None = None, progress: bool = True) -> dict:
+    """Score existing ``*_pred.*`` files (from medanomaly or any tool named the same way);
+    ``*_score.*`` files, where present, give AUROC/AUPRC."""
+    from tqdm import tqdm
+
+    pred_dir, data, out = Path(pred_dir), Path(data), Path(out)
+    check_output_dir(out, [data])
+    acc, missing = Accumulator(), []
+    for s in tqdm(select(data, split, splits_file), desc="evaluate", unit="img", disable=not progress):
+        p = find_prediction(pred_dir, data, s)
+        if p is None:
+            missing.append(s.image)
+            continue
+        img = read_image(s.image)
+        pred = read_mask(p, like=img)
+        sp = find_prediction(pred_dir, data, s, "score")
+        score = read_image(sp).array[0] if sp is not None else None
+        acc.add(s.case, pred, read_mask(s.mask, like=img), score, img.array)
+    if missing:
+        log.warning("%d images have no prediction in %s (e.g. %s); they are left out", len(missing), pred_dir, missing[0])
+    extra = {"split": split or "all", "predictions": str(pred_dir), "n_missing_predictions": len(missing)}
+    return _finish(acc, out, extra, None, "medanomaly evaluation of predictions", False,
+                   [f"{len(missing)} images without a prediction were left out."] if missing else [])
+
+
+def predict_and_score_3d(predictor, samples: Sequence[Sample], data: Path, pred_dir: Path | None, progress: bool):
+    """:func:`medanomaly.evaluate.score._predict_and_score` for a 3D model: each volume predicted whole
+    (post-processed in 3D), written (slice by slice for stacked slices) and scored. Returns the Accumulator."""
+    acc = Accumulator()
+    for vc, image, slices, truth in iter_volumes(samples, progress, "evaluate"):
+        pred = predictor.predict(image)
+        parts = [(pred, truth, vc.images[0])] if slices is None else [
+            (p, truth[k], vc.images[k]) for k, p in enumerate(slice_predictions(pred, slices))]
+        for p, t, path in parts:
+            if pred_dir is not None:
+                write_prediction(p, output_stem(pred_dir, data, path))
+            acc.add(vc.case, p.mask, t, p.score, p.image.array if pred_dir is not None else None)
+            if predictor.anomaly is not None:  # image-level detection, per 2D slice
+                per_slice = [(p.score, t)] if p.score.ndim == 2 else list(zip(p.score, t))
+                acc.image_scores += [image_score(sc, predictor.anomaly) for sc, _ in per_slice]
+                acc.image_labels += [bool(tr.any()) for _, tr in per_slice]
+    return acc

@@ -1,0 +1,1 @@
+"""Confusion counts and the metrics built on them (Dice, IoU, AUROC, AUPRC, lesion-wise)."""

@@ -1,0 +1,1 @@
+"""Score map to mask: threshold, small components, holes, smoothing, foreground; the region table."""
