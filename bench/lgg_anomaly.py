@@ -25,7 +25,7 @@ from pathlib import Path
 from medanomaly.config import schema as config
 from medanomaly.calibrate.search import recalibrate
 from medanomaly.evaluate.score import evaluate_model
-from medanomaly.train.loop import train
+from medanomaly.apps.api import train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lgg-flair"
 COLUMNS = ("auprc", "dice", "oracle_dice", "image_auroc", "lesion_f1", "auroc", "dice_per_case_mean")

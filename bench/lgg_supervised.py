@@ -17,7 +17,7 @@ from pathlib import Path
 
 from medanomaly.config import schema as config
 from medanomaly.evaluate.score import evaluate_model
-from medanomaly.train.loop import train
+from medanomaly.apps.api import train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lgg-flair"
 

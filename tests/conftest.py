@@ -10,6 +10,11 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
+from medanomaly.calibrate.search import model_meta
+from medanomaly.config.schema import TrainConfig
+from medanomaly.config.sections import AnomalyConfig, PostprocessParams, UNetConfig
+from medanomaly.models.unet import UNet
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
@@ -29,7 +34,7 @@ def phantoms(tmp_path_factory) -> Path:
     return make_phantoms(tmp_path_factory.mktemp("phantoms"), n_cases=5, slices=4, size=48)
 
 
-def labelled_phantoms(root: Path, n_cases: int = 4, rgb: bool = False) -> Path:
+def _labelled_phantoms(root: Path, n_cases: int = 4, rgb: bool = False) -> Path:
     """Tiny 32x32 image/mask pairs (a bright 8x8 lesion) in case folders, with a 2/1/1 splits.json."""
     rng = np.random.default_rng(0)
     for c in range(n_cases):
@@ -44,3 +49,38 @@ def labelled_phantoms(root: Path, n_cases: int = 4, rgb: bool = False) -> Path:
             PILImage.fromarray(mask).save(d / f"case{c}_{k}_mask.png")
     (root / "splits.json").write_text(json.dumps({"train": ["case0", "case1"], "val": ["case2"], "test": ["case3"]}))
     return root
+
+
+@pytest.fixture
+def labelled_phantoms():
+    """The builder of tiny labelled phantoms: ``labelled_phantoms(root, n_cases=4, rgb=False) -> root``."""
+    return _labelled_phantoms
+
+
+def _make_model_dir(path: Path, task: str = "supervised", method: str = "denoise", size: int = 32,
+                   in_channels: int = 1, depth: int = 2, seed: int = 0, norm: str = "batch") -> Path:
+    """A model directory as train writes it, with random weights (BatchNorm statistics included,
+    so eval-mode export is tested) and precision fp32 (the torch reference runs in fp32)."""
+    cfg = TrainConfig(size=size, model=UNetConfig(width=4, depth=depth, norm=norm), task=task, precision="fp32",
+                      anomaly=AnomalyConfig(method=method))
+    meta = model_meta(cfg, in_channels, PostprocessParams(), {})
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.json").write_text(json.dumps(meta))
+    if method != "intensity":
+        torch.manual_seed(seed)
+        net = UNet(UNetConfig(**meta["model"]))
+        with torch.no_grad():
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.2, 0.2)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+        torch.save(net.state_dict(), path / "model.pt")
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_model_dir():
+    """The builder of model directories with random weights: ``make_model_dir(path, task=..., ...) -> path``."""
+    return _make_model_dir

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from medanomaly.config.options import RESIDUALS
 from medanomaly.config.sections import AnomalyConfig
+from medanomaly.core.runtime import match_layout
 from medanomaly.data.foreground import foreground_mask
 from medanomaly.data.synthetic import add_synthetic_anomalies
 from medanomaly.models.losses import get_loss
@@ -64,10 +65,8 @@ def denoise_loss(model: torch.nn.Module, x: torch.Tensor, fg: torch.Tensor, cfg:
     noisy = x
     if cfg.method == "denoise":
         noisy = x + fg * coarse_noise(tuple(x.shape), cfg.noise_res, cfg.noise_std, gen).to(x.device)
-    if x.ndim == 4 and next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
-        noisy = noisy.contiguous(memory_format=torch.channels_last)
     with autocast_ctx:
-        recon = model(noisy)
+        recon = model(match_layout(noisy, model))
     err = (recon.float() - x) ** 2 * fg
     return err.sum() / (fg.sum() * x.shape[1]).clamp_min(1.0)
 
@@ -84,11 +83,8 @@ def anomaly_loss(model: torch.nn.Module, x: torch.Tensor, fg: torch.Tensor, cfg:
     if cfg.method != "synthetic":
         return denoise_loss(model, x, fg, cfg, gen, autocast_ctx)
     xa, target = add_synthetic_anomalies(x.cpu(), fg.cpu(), cfg.synthetic_p, gen)
-    xa = xa.to(x.device)
-    if xa.ndim == 4 and next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
-        xa = xa.contiguous(memory_format=torch.channels_last)
     with autocast_ctx:
-        logits = model(xa)
+        logits = model(match_layout(xa.to(x.device), model))
     return get_loss("bce+dice", 0.5)(logits.float(), target.to(x.device))
 
 

@@ -227,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     from medanomaly.config import schema as config
     from medanomaly.core import distributed as distributed
-    from medanomaly.train.loop import train
+    from medanomaly.apps.api import train
 
     info = distributed.init_from_env(args.device)  # under torchrun: join the other processes (data parallel)
     overrides = {"size": args.size, "epochs": args.epochs, "max_minutes": args.max_minutes,
@@ -293,7 +293,7 @@ def cmd_plan(args) -> int:
 def cmd_pretrain(args) -> int:
     from medanomaly.config import schema as config
     from medanomaly.core.runtime import resolve_device
-    from medanomaly.train.loop import train
+    from medanomaly.apps.api import train
 
     cfg = config.load(None, {"task": "anomaly", "anomaly.method": "denoise", "anomaly.normal_only": False,
                              "size": args.size, "epochs": args.epochs, "max_minutes": args.max_minutes,

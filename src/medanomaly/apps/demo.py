@@ -19,7 +19,7 @@ from scipy import ndimage
 from medanomaly.config import schema as config
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.evaluate.score import evaluate_model
-from medanomaly.train.loop import train
+from medanomaly.apps.api import train
 
 log = logging.getLogger(__name__)
 

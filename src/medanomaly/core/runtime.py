@@ -66,3 +66,11 @@ def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def match_layout(x: torch.Tensor, model: torch.nn.Module) -> torch.Tensor:
+    """``x`` in the memory format of ``model``'s weights: channels-last for a 2D batch (N, C, H, W)
+    when the network was converted with ``.to(memory_format=torch.channels_last)``, else as is."""
+    if x.ndim == 4 and next(model.parameters()).is_contiguous(memory_format=torch.channels_last):
+        return x.contiguous(memory_format=torch.channels_last)
+    return x

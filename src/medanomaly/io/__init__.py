@@ -6,7 +6,8 @@ Every reader returns an :class:`Image` whose ``array`` is float32, channels firs
 ``world_zyx = origin + D @ diag(spacing) @ index_zyx``. :func:`affine_from_geometry` gives the usual
 4x4 RAS affine on (x, y, z) indices. Every reading problem is raised as :class:`MedanomalyError`.
 
-Images larger than :data:`MAX_PIXELS` values (voxels x channels) are refused from the header,
+Images larger than :data:`medanomaly.io.safety.MAX_PIXELS` values (2**28 = 268 million, 1 GiB as
+float32: e.g. a 16384 x 16384 grey slice, 9459 x 9459 RGB, or a 645^3 volume; voxels x channels) are refused from the header,
 before any pixel is decoded, so a crafted or corrupt header cannot exhaust memory.
 
 The package's modules, one job each: :mod:`~medanomaly.io.image` (Geometry, Image, suffix and
@@ -21,13 +22,8 @@ from __future__ import annotations
 from medanomaly.io.dicom import is_dicom_series_dir, series_files
 from medanomaly.io.image import IMAGE_SUFFIXES, Geometry, Image, affine_from_geometry, full_suffix, stem_of
 from medanomaly.io.read import read_image, read_mask
-from medanomaly.io.safety import library_notes
+from medanomaly.io.safety import MAX_PIXELS, library_notes
 from medanomaly.io.write import mask_suffix, score_suffix, write_mask, write_score
-
-#: Largest image read, in values (voxels x channels): 2**28 = 268 million, 1 GiB as float32
-#: (e.g. a 16384 x 16384 grey slice, 9459 x 9459 RGB, or a 645^3 volume). Checked from the
-#: header before decoding. Read at call time, so it can be raised: ``medanomaly.io.MAX_PIXELS = ...``.
-MAX_PIXELS = 2**28
 
 #: the former private names of :func:`series_files` and :func:`library_notes`
 _series_files = series_files

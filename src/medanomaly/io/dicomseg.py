@@ -33,7 +33,8 @@ import pydicom
 
 from medanomaly.core.atomic import atomic_path
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.io import library_notes, series_files  # read_image's slices and its warning capture
+from medanomaly.io.dicom import series_files  # read_image's slices
+from medanomaly.io.safety import library_notes  # read_image's warning capture
 
 SERIES_DESCRIPTION = "medanomaly lesion mask"
 

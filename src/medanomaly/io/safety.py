@@ -16,12 +16,13 @@ from typing import Any, Iterator
 from medanomaly.core.errors import MedanomalyError
 
 
-def _max_pixels() -> int:
-    """:data:`medanomaly.io.MAX_PIXELS`, looked up on the package at each call, so that raising it
-    there (``medanomaly.io.MAX_PIXELS = ...``) takes effect."""
-    from medanomaly import io
+#: Largest image accepted, in values (voxels x channels), checked from the file header before decoding.
+#: Read at call time, so it can be raised: ``medanomaly.io.safety.MAX_PIXELS = ...``.
+MAX_PIXELS = 2**28
 
-    return io.MAX_PIXELS
+
+def _max_pixels() -> int:
+    return MAX_PIXELS
 
 
 def _check_size(path: Path, shape: Any, what: str = "image") -> None:

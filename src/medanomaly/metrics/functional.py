@@ -104,6 +104,17 @@ def dice(s: Stats) -> float:
     return _ratio(2 * s.tp, 2 * s.tp + s.fp + s.fn, 1.0)
 
 
+def add_case(per_case: dict[str, Stats], case: str, s: Stats) -> None:
+    """Pool ``s`` into ``per_case[case]`` (the slices of a case are counted as one image)."""
+    per_case[case] = per_case[case] + s if case in per_case else s
+
+
+def mean_case_dice(per_case: dict[str, Stats]) -> float:
+    """Mean over cases of the Dice of each case's pooled counts (NaN without cases): the number
+    users report as "mean per-patient Dice"."""
+    return float(np.mean([dice(s) for s in per_case.values()])) if per_case else float("nan")
+
+
 def iou(s: Stats) -> float:
     """Intersection over union (Jaccard) = tp / (tp + fp + fn); 1.0 when both are empty."""
     return _ratio(s.tp, s.tp + s.fp + s.fn, 1.0)

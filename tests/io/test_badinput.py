@@ -46,7 +46,7 @@ from medanomaly.data.slices import discover
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.io import read_image, read_mask
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LGG = DATA / "lgg-flair"
 DICOM = DATA / "dicom"
 FIELDMAP = DATA / "dicom-series" / "mr-gre-fieldmap-axial"

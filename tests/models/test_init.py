@@ -8,7 +8,6 @@ import logging
 import pytest
 import torch
 
-from conftest import labelled_phantoms
 from medanomaly.apps.cli import main
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.models.init import load_matching, read_state_dict, set_encoder_trainable
@@ -57,7 +56,7 @@ def test_freeze_encoder_only_touches_the_contracting_path():
 TINY = ["--size", "32", "--width", "4", "--depth", "2", "--epochs", "1", "--batch-size", "4", "--device", "cpu"]
 
 
-def test_pretrain_then_train_init_from_it(tmp_path, caplog):
+def test_pretrain_then_train_init_from_it(tmp_path, caplog, labelled_phantoms):
     data = labelled_phantoms(tmp_path / "data")
     assert main(["-q", "pretrain", str(data), "--out", str(tmp_path / "pre"), *TINY]) == 0
     meta = json.loads((tmp_path / "pre" / "model.json").read_text())
@@ -71,7 +70,7 @@ def test_pretrain_then_train_init_from_it(tmp_path, caplog):
     assert saved["init"] == str(tmp_path / "pre") and saved["freeze_encoder_epochs"] == 1
 
 
-def test_init_with_a_model_of_another_channel_count_is_refused(tmp_path, capsys):
+def test_init_with_a_model_of_another_channel_count_is_refused(tmp_path, capsys, labelled_phantoms):
     grey = labelled_phantoms(tmp_path / "grey")
     rgb = labelled_phantoms(tmp_path / "rgb", rgb=True)
     assert main(["-q", "train", str(rgb), "--out", str(tmp_path / "rgb-model"), *TINY]) == 0
@@ -79,7 +78,7 @@ def test_init_with_a_model_of_another_channel_count_is_refused(tmp_path, capsys)
     assert rc == 2 and "3-channel images but these have 1" in " ".join(capsys.readouterr().err.split())
 
 
-def test_init_with_a_missing_path_is_a_clear_error(tmp_path, capsys):
+def test_init_with_a_missing_path_is_a_clear_error(tmp_path, capsys, labelled_phantoms):
     data = labelled_phantoms(tmp_path / "data")
     rc = main(["-q", "train", str(data), "--out", str(tmp_path / "m"), "--init", str(tmp_path / "nope.pt"), *TINY])
     assert rc == 2 and "no such file or model directory" in " ".join(capsys.readouterr().err.split())

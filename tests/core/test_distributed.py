@@ -27,7 +27,7 @@ from medanomaly.core import distributed as distributed
 from medanomaly.apps.cli import main
 from medanomaly.core.errors import MedanomalyError
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LGG = DATA / "lgg-flair"
 LGG_SPLITS = {"train": ["TCGA_CS_4941_19960909", "TCGA_CS_4943_20000902"], "val": ["TCGA_CS_5395_19981004"],
               "test": []}

@@ -12,7 +12,7 @@ from hypothesis.extra import numpy as hnp
 from medanomaly.postprocess import ops as P
 from medanomaly.postprocess.ops import PostprocessParams
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 FLAIR = DATA / "lgg-flair" / "TCGA_CS_4941_19960909" / "TCGA_CS_4941_19960909_10_flair.png"
 
 

@@ -17,7 +17,7 @@ from medanomaly.io.dicomseg import SERIES_DESCRIPTION, read_dicom_seg, sorted_se
 from medanomaly.core.errors import MedanomalyError  # noqa: E402
 from medanomaly.io import read_image  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 AXIAL = DATA / "dicom-series" / "mr-gre-fieldmap-axial"  # 36 slices 64x64
 SAGITTAL = DATA / "dicom-series" / "mr-t1-mprage-sagittal"  # 176 oblique slices 256x256
 pytestmark = pytest.mark.skipif(not AXIAL.is_dir(), reason=f"real DICOM series not found at {AXIAL}")

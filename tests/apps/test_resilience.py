@@ -24,7 +24,7 @@ from medanomaly.apps.cli import main
 from medanomaly.infer.predictor import read_model_meta
 from medanomaly.train.loop import METRIC_FIELDS
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LGG = DATA / "lgg-flair"
 pytestmark = pytest.mark.skipif(not LGG.is_dir(), reason=f"real LGG data not found at {LGG} (../shared/data); "
                                                          "these tests train on a few of its slices")

@@ -26,32 +26,11 @@ from medanomaly.models.unet import UNet, UNetConfig  # noqa: E402
 from medanomaly.postprocess.ops import PostprocessParams  # noqa: E402
 from medanomaly.infer.predictor import Predictor  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LGG = DATA / "lgg-flair"
 ATOL = 1e-4
 
 
-def make_model_dir(path: Path, task: str = "supervised", method: str = "denoise", size: int = 32,
-                   in_channels: int = 1, depth: int = 2, seed: int = 0, norm: str = "batch") -> Path:
-    """A model directory as train writes it, with random weights (BatchNorm statistics included,
-    so eval-mode export is tested) and precision fp32 (the torch reference runs in fp32)."""
-    cfg = TrainConfig(size=size, model=UNetConfig(width=4, depth=depth, norm=norm), task=task, precision="fp32",
-                      anomaly=AnomalyConfig(method=method))
-    meta = model_meta(cfg, in_channels, PostprocessParams(), {})
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "model.json").write_text(json.dumps(meta))
-    if method != "intensity":
-        torch.manual_seed(seed)
-        net = UNet(UNetConfig(**meta["model"]))
-        with torch.no_grad():
-            for m in net.modules():
-                if isinstance(m, torch.nn.BatchNorm2d):
-                    m.running_mean.uniform_(-0.2, 0.2)
-                    m.running_var.uniform_(0.5, 2.0)
-                    m.weight.uniform_(0.5, 1.5)
-                    m.bias.uniform_(-0.2, 0.2)
-        torch.save(net.state_dict(), path / "model.pt")
-    return path
 
 
 def raster(array: np.ndarray, name: str = "x.png") -> Image:
@@ -60,7 +39,7 @@ def raster(array: np.ndarray, name: str = "x.png") -> Image:
 
 
 @pytest.fixture(scope="module")
-def supervised(tmp_path_factory) -> Path:
+def supervised(tmp_path_factory, make_model_dir) -> Path:
     model_dir = make_model_dir(tmp_path_factory.mktemp("sup") / "model")
     export_onnx(model_dir)
     return model_dir
@@ -126,7 +105,7 @@ def test_runner_equals_predictor_on_a_real_lgg_slice(supervised):
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
 
 
-def test_anomaly_model_exports_reconstruction(tmp_path):
+def test_anomaly_model_exports_reconstruction(tmp_path, make_model_dir):
     model_dir = make_model_dir(tmp_path / "anomaly", task="anomaly")
     out = export_onnx(model_dir, tmp_path / "elsewhere" / "net.onnx")
     assert out == tmp_path / "elsewhere" / "net.onnx" and not (model_dir / "model.onnx").exists()
@@ -148,14 +127,14 @@ def test_anomaly_model_exports_reconstruction(tmp_path):
     assert got.shape == (48, 48) and got.max() > 0
 
 
-def test_intensity_method_has_nothing_to_export(tmp_path):
+def test_intensity_method_has_nothing_to_export(tmp_path, make_model_dir):
     model_dir = make_model_dir(tmp_path / "intensity", task="anomaly", method="intensity")
     with pytest.raises(MedanomalyError, match="nothing to export"):
         export_onnx(model_dir)
     assert not (model_dir / "model.onnx").exists()
 
 
-def test_multichannel_and_padded_size(tmp_path):
+def test_multichannel_and_padded_size(tmp_path, make_model_dir):
     """3 channels, size 40 with depth 3 (padded to 48 inside the network, cropped back)."""
     model_dir = make_model_dir(tmp_path / "rgb", in_channels=3, size=40, depth=3)
     export_onnx(model_dir)
@@ -164,7 +143,7 @@ def test_multichannel_and_padded_size(tmp_path):
                                atol=ATOL, rtol=0)
 
 
-def test_test_time_augmentation_is_kept_and_documented(tmp_path):
+def test_test_time_augmentation_is_kept_and_documented(tmp_path, make_model_dir):
     """model.json input.tta (left-right flip averaging): the runner does it through ONNX too."""
     model_dir = make_model_dir(tmp_path / "tta")
     meta = json.loads((model_dir / "model.json").read_text())
@@ -178,7 +157,7 @@ def test_test_time_augmentation_is_kept_and_documented(tmp_path):
 
 
 @pytest.mark.parametrize("norm", ["instance", "group", "none"])
-def test_other_norms_export(tmp_path, norm):
+def test_other_norms_export(tmp_path, norm, make_model_dir):
     model_dir = make_model_dir(tmp_path / norm, norm=norm)
     export_onnx(model_dir)
     image = raster(np.random.default_rng(5).integers(0, 256, (1, 64, 64)))
@@ -186,7 +165,7 @@ def test_other_norms_export(tmp_path, norm):
                                atol=ATOL, rtol=0)
 
 
-def test_runner_refuses_a_missing_foreign_or_stale_onnx(tmp_path, supervised):
+def test_runner_refuses_a_missing_foreign_or_stale_onnx(tmp_path, supervised, make_model_dir):
     model_dir = make_model_dir(tmp_path / "other", size=48)
     with pytest.raises(MedanomalyError, match="medanomaly export"):
         OnnxRunner(model_dir)

@@ -15,14 +15,13 @@ pytest.importorskip("highdicom")
 pytest.importorskip("onnxruntime")
 
 from medanomaly.io.dicomseg import read_dicom_seg  # noqa: E402
-from test_export import make_model_dir  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 SERIES = DATA / "dicom-series" / "mr-gre-fieldmap-axial"
 pytestmark = pytest.mark.skipif(not SERIES.is_dir(), reason=f"real DICOM series not found at {SERIES}")
 
 
-def test_predict_dicom_seg_and_onnx_runtime(tmp_path):
+def test_predict_dicom_seg_and_onnx_runtime(tmp_path, make_model_dir):
     model = make_model_dir(tmp_path / "model")
     meta = json.loads((model / "model.json").read_text())
     meta["postprocess"]["threshold"] = 0.5

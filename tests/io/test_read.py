@@ -32,7 +32,7 @@ from medanomaly.io import (
     write_score,
 )
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 DICOM = DATA / "dicom"
 FIELDMAP = DATA / "dicom-series" / "mr-gre-fieldmap-axial"

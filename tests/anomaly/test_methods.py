@@ -17,7 +17,7 @@ from medanomaly.core.errors import MedanomalyError
 from medanomaly.metrics.functional import threshold_at_fpr
 from medanomaly.data.foreground import foreground_mask
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LGG = DATA / "lgg-flair"
 needs_lgg = pytest.mark.skipif(not LGG.is_dir(), reason=f"real LGG data not found at {LGG} (../shared/data)")
 

@@ -16,7 +16,7 @@ from medanomaly.infer.sliding import gaussian_importance, sliding_window, window
 from medanomaly.data.volumes import (Volume, crop, default_patch, group_volumes, read_volume, read_volume_mask, resample,
                                 resample_mask, resampled_shape, sample_patches)
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 VOLUMES, IXI, LGG = DATA / "volumes", DATA / "volumes" / "ixi-t1-healthy", DATA / "lgg-flair"
 needs = {name: pytest.mark.skipif(not path.exists(), reason=f"real data not found at {path} (../shared/data)")
          for name, path in (("volumes", VOLUMES / "brain1_image.nrrd"), ("ixi", IXI), ("lgg", LGG))}
@@ -232,7 +232,7 @@ def test_3d_on_lgg_patient_folders_stacks_and_writes_per_slice(tmp_path):
     from medanomaly.config import schema as config
     from medanomaly.evaluate.score import evaluate_model
     from medanomaly.infer.predictor import predict_paths
-    from medanomaly.train.loop import train
+    from medanomaly.apps.api import train
 
     splits = json.loads((LGG / "splits.json").read_text())
     picked = {k: splits[k][:1] for k in ("train", "val", "test")}

@@ -15,7 +15,7 @@ from medanomaly.apps.cli import main
 from medanomaly.data.slices import discover
 from medanomaly.train.gan import GanConfig, erased_region, place_mask, synthesize
 
-LGG = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lgg-flair"
+LGG = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lgg-flair"
 TINY = GanConfig(size=32, minutes=0, max_steps=4, batch_size=4, width=8, depth=2, d_width=8, d_layers=2, margin=2)
 
 

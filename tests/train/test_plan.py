@@ -19,7 +19,7 @@ from medanomaly.core.errors import MedanomalyError
 from medanomaly.train.plan import (DataFingerprint, MachineInfo, fingerprint, for_run, load_plan, make_plan,
                              save_plan)
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 CPU2 = MachineInfo(cores=2, memory_gib=16.0, bf16=True)
 
 

@@ -44,7 +44,7 @@ import medanomaly.io as mio
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.io import read_image, read_mask
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA} (../shared/data): "
                                                           "the mutation fuzzing starts from real files")
 EXAMPLES = int(os.environ.get("MEDANOMALY_FUZZ_EXAMPLES", "0")) or None

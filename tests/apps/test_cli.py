@@ -14,7 +14,7 @@ from PIL import Image as PILImage
 
 from medanomaly.apps.cli import main
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LGG = DATA / "lgg-flair"
 needs_lgg = pytest.mark.skipif(not LGG.is_dir(), reason=f"real LGG data not found at {LGG} (../shared/data)")
 

@@ -28,7 +28,7 @@ from PIL import Image as PILImage
 
 from medanomaly.apps.cli import build_parser, main
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LGG = DATA / "lgg-flair"
 FIELDMAP = DATA / "dicom-series" / "mr-gre-fieldmap-axial"
 pytestmark = pytest.mark.skipif(not (FIELDMAP.is_dir() and LGG.is_dir()),

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import labelled_phantoms
 from medanomaly.apps.cli import main
 from medanomaly.config.schema import load as load_config
 from medanomaly.core.errors import MedanomalyError
@@ -227,7 +226,7 @@ TINY = ["--size", "64", "--width", "4", "--epochs", "1", "--batch-size", "4", "-
         "--device", "cpu"]
 
 
-def test_train_with_a_torchvision_init_then_predict_and_export(tmp_path, fake_resnet18, caplog):
+def test_train_with_a_torchvision_init_then_predict_and_export(tmp_path, fake_resnet18, caplog, labelled_phantoms):
     data = labelled_phantoms(tmp_path / "data")
     with caplog.at_level(logging.INFO, logger="medanomaly.models.init"):
         rc = main(["-q", "train", str(data), "--out", str(tmp_path / "m"), "--encoder", "resnet18",
@@ -244,7 +243,7 @@ def test_train_with_a_torchvision_init_then_predict_and_export(tmp_path, fake_re
     assert export_onnx(tmp_path / "m").is_file()  # verified against PyTorch inside
 
 
-def test_train_with_weights_of_another_architecture_exits_2(tmp_path, capsys):
+def test_train_with_weights_of_another_architecture_exits_2(tmp_path, capsys, labelled_phantoms):
     data = labelled_phantoms(tmp_path / "data")
     torch.save({"a.weight": torch.zeros(3, 3), "b.bias": torch.zeros(3)}, tmp_path / "random.pt")
     rc = main(["-q", "train", str(data), "--out", str(tmp_path / "m"), "--encoder", "resnet18",

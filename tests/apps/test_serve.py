@@ -34,7 +34,7 @@ from medanomaly.models.unet import UNet, UNetConfig  # noqa: E402
 from medanomaly.postprocess.ops import PostprocessParams  # noqa: E402
 from medanomaly.apps.serve import bind, check_type, create_app, extract_zip, is_loopback, make_server, sniff  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 LGG_SLICE = DATA / "lgg-flair" / "TCGA_CS_4944_20010208" / "TCGA_CS_4944_20010208_10_flair.png"
 DICOM_SERIES = DATA / "dicom-series" / "mr-gre-fieldmap-axial"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")

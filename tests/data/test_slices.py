@@ -30,7 +30,7 @@ from medanomaly.data.slices import (
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.io import read_image
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
 
 
