@@ -81,8 +81,8 @@ def run_job(job: dict) -> dict:
 
 
 def _pretrain(job: dict) -> dict:
-    from medanomaly.config import schema as config
     from medanomaly.apps.api import train
+    from medanomaly.config import schema as config
 
     cfg = config.load(None, {"task": "anomaly", "anomaly.method": "denoise", "anomaly.normal_only": False,
                              "max_minutes": job["minutes"], "seed": 0})
@@ -99,9 +99,9 @@ def _gan(job: dict) -> dict:
 
 
 def _train_and_test(job: dict) -> dict:
+    from medanomaly.apps.api import train
     from medanomaly.config import schema as config
     from medanomaly.evaluate.score import evaluate_model
-    from medanomaly.apps.api import train
 
     cfg = config.load(None, {"max_minutes": job["minutes"], "seed": job["seed"], **overrides_for(tuple(job["remedies"]), job)})
     out = Path(job["out"])

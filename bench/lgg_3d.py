@@ -20,10 +20,10 @@ import sys
 import time
 from pathlib import Path
 
-from medanomaly.config import schema as config
-from medanomaly.train import plan as planning
-from medanomaly.evaluate.score import evaluate_model
 from medanomaly.apps.api import train
+from medanomaly.config import schema as config
+from medanomaly.evaluate.score import evaluate_model
+from medanomaly.train import plan as planning
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lgg-flair"
 

@@ -22,10 +22,10 @@ import sys
 import time
 from pathlib import Path
 
-from medanomaly.config import schema as config
-from medanomaly.calibrate.search import recalibrate
-from medanomaly.evaluate.score import evaluate_model
 from medanomaly.apps.api import train
+from medanomaly.calibrate.search import recalibrate
+from medanomaly.config import schema as config
+from medanomaly.evaluate.score import evaluate_model
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lgg-flair"
 COLUMNS = ("auprc", "dice", "oracle_dice", "image_auroc", "lesion_f1", "auroc", "dice_per_case_mean")

@@ -15,9 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from medanomaly.apps.api import train
 from medanomaly.config import schema as config
 from medanomaly.evaluate.score import evaluate_model
-from medanomaly.apps.api import train
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "lgg-flair"
 

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from medanomaly.models.unet import UNet, UNetConfig
 from medanomaly.core.runtime import autocast, cpu_has_bf16
 from medanomaly.infer.sliding import sliding_window
+from medanomaly.models.unet import UNet, UNetConfig
 
 
 def best_time(fn, repeats: int) -> tuple[float, torch.Tensor]:

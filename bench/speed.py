@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from medanomaly.core.runtime import autocast, cpu_has_bf16
 from medanomaly.data.augment import AugmentConfig, augment_batch
 from medanomaly.models.unet import UNet, UNetConfig
-from medanomaly.core.runtime import autocast, cpu_has_bf16
 
 DEV = torch.device("cpu")
 
@@ -196,8 +196,9 @@ def predict_rows(model_dir: Path, n: int) -> dict:
     import shutil
     import tempfile
 
+    from medanomaly.infer.predictor import Predictor
+    from medanomaly.infer.run import predict_paths
     from medanomaly.io import read_image
-    from medanomaly.infer.predictor import Predictor, predict_paths
 
     slices = sorted(p for p in LGG.rglob("*_flair.png"))[:n]
     predictor = Predictor(model_dir)

@@ -1,8 +1,16 @@
-"""Shared test settings."""
+"""Shared test settings: one thread per test process, the real-data root and its skip marker, and
+the builders that several test modules need (fixtures, since importlib mode lets no test module
+import another)."""
 
 from __future__ import annotations
 
+import builtins
+import functools
 import json
+import os
+import re
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +18,183 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from medanomaly.calibrate.search import model_meta
+from medanomaly.apps.cli import main
+from medanomaly.apps.demo import make_phantoms
+from medanomaly.config.model_file import TrainingSummary, build_model_file, write_model_file
 from medanomaly.config.schema import TrainConfig
 from medanomaly.config.sections import AnomalyConfig, PostprocessParams, UNetConfig
 from medanomaly.models.unet import UNet
+
+# The real images live beside the project (../shared/data), never inside it; MEDANOMALY_SHARED_DATA
+# points elsewhere. The resolved root is written back to the environment, because under importlib
+# mode a test module cannot import conftest: modules read it with
+# ``Path(os.environ["MEDANOMALY_SHARED_DATA"])`` for their module-level paths.
+_BESIDE = (Path(__file__).resolve().parents[1].parent / "shared" / "data").resolve()
+SHARED_DATA = Path(os.environ.get("MEDANOMALY_SHARED_DATA") or _BESIDE).resolve()
+os.environ["MEDANOMALY_SHARED_DATA"] = str(SHARED_DATA)
+_SHOWN = "../shared/data" if SHARED_DATA == _BESIDE else str(SHARED_DATA)
+
+
+def _missing(sub: str) -> str:
+    """The skip reason for a sub-path of the shared data root that is absent."""
+    return f"{_SHOWN}/{sub}".rstrip("/") + " not found: the real images live beside the project, see its README"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "shared_data(*subpaths): skip unless every ../shared/data/<subpath> exists")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skip the tests marked ``@pytest.mark.shared_data("lgg-flair", ...)`` (on the test, its class or
+    the module's ``pytestmark``) whose data is absent; they are skipped before any fixture is set up."""
+    for item in items:
+        for mark in item.iter_markers("shared_data"):
+            absent = [sub for sub in mark.args or ("",) if not (SHARED_DATA / sub).exists()]
+            if absent:
+                item.add_marker(pytest.mark.skip(reason=_missing(absent[0])))
+                break
+
+
+@pytest.fixture(scope="session")
+def shared_data():
+    """``shared_data("lgg-flair") -> Path`` under the real-data root; skips the test when it is absent."""
+    def get(sub: str = "") -> Path:
+        path = SHARED_DATA / sub
+        if not path.exists():
+            pytest.skip(_missing(sub))
+        return path
+    return get
+
+
+# --- real LGG slices and the in-process CLI, for the bad-input tests of io/ and data/ ----------------
+
+LGG_PATIENTS = ("TCGA_CS_4941_19960909", "TCGA_CS_4943_20000902", "TCGA_CS_4944_20010208")
+TINY_TRAIN = ["--size", "32", "--width", "4", "--depth", "2", "--epochs", "1", "--batch-size", "2", "--device", "cpu"]
+
+
+@functools.lru_cache(maxsize=None)
+def _lgg_slices(patient: str, lesion: bool) -> tuple[tuple[Path, Path], ...]:
+    """(flair, mask) pairs of a real LGG patient, with or without tumour, in file-name order."""
+    out = []
+    for m in sorted((SHARED_DATA / "lgg-flair" / patient).glob("*_mask.png")):
+        if bool(np.asarray(PILImage.open(m)).any()) == lesion:
+            out.append((m.with_name(m.name.replace("_mask.png", "_flair.png")), m))
+    return tuple(out)
+
+
+class Lgg:
+    """Three real LGG patients of ../shared/data/lgg-flair and copies of their slices."""
+
+    patients = LGG_PATIENTS
+
+    @staticmethod
+    def slices(patient: str, lesion: bool) -> tuple[tuple[Path, Path], ...]:
+        return _lgg_slices(patient, lesion)
+
+    @property
+    def flair(self) -> Path:
+        """The first FLAIR slice with tumour of the first patient (a 256x256 8-bit PNG)."""
+        return _lgg_slices(LGG_PATIENTS[0], True)[0][0]
+
+    @staticmethod
+    def train_set(d: Path, per: int = 1, lesion: bool = True) -> dict[str, list[tuple[Path, Path]]]:
+        """Real LGG pairs copied to d/<patient>/ (``per`` middle slices each); splits.json: 2 patients
+        train, 1 val. Returns patient -> the copied (image, mask) pairs."""
+        copies = {}
+        for p in LGG_PATIENTS:
+            (d / p).mkdir(parents=True)
+            pairs = _lgg_slices(p, lesion)
+            picked = pairs[len(pairs) // 2: len(pairs) // 2 + per]
+            copies[p] = [(Path(shutil.copy(img, d / p / img.name)), Path(shutil.copy(m, d / p / m.name)))
+                         for img, m in picked]
+        (d / "splits.json").write_text(json.dumps({"train": list(LGG_PATIENTS[:2]), "val": list(LGG_PATIENTS[2:]),
+                                                   "test": []}))
+        return copies
+
+
+@pytest.fixture(scope="session")
+def real_lgg() -> Lgg:
+    """Real LGG slices: ``real_lgg.slices(patient, lesion)``, ``.flair``, ``.train_set(folder)``."""
+    return Lgg()
+
+
+@pytest.fixture(scope="session")
+def tiny_train_flags() -> list[str]:
+    """``medanomaly train`` flags for a seconds-long CPU run of a 32x32, width-4, depth-2 U-Net."""
+    return list(TINY_TRAIN)
+
+
+@pytest.fixture(scope="session")
+def tiny_lgg_model(tmp_path_factory) -> Path:
+    """A tiny U-Net trained for one epoch on 6 real LGG slices of 3 patients (seconds on a CPU)."""
+    data = tmp_path_factory.mktemp("tiny data")
+    for p in LGG_PATIENTS:
+        (data / p).mkdir()
+        pairs = _lgg_slices(p, True)
+        for img, m in pairs[len(pairs) // 2: len(pairs) // 2 + 2]:
+            shutil.copy(img, data / p / img.name)
+            shutil.copy(m, data / p / m.name)
+    (data / "splits.json").write_text(json.dumps({"train": list(LGG_PATIENTS[:1]), "val": list(LGG_PATIENTS[1:2]),
+                                                  "test": list(LGG_PATIENTS[2:])}))
+    model = tmp_path_factory.mktemp("tiny model") / "model"
+    assert main(["-q", "train", str(data), "--out", str(model), *TINY_TRAIN]) == 0
+    return model
+
+
+@pytest.fixture
+def deny_read(monkeypatch: pytest.MonkeyPatch):
+    """``deny_read(path)``: open() of that path raises PermissionError inside medanomaly.io, as for a
+    chmod 000 file read by a normal user (root reads those, so a real chmod would test nothing here)."""
+    def deny(target: Path) -> None:
+        def fake_open(file, *args, **kwargs):
+            if Path(file) == target:
+                raise PermissionError(13, "Permission denied", str(file))
+            return builtins.open(file, *args, **kwargs)
+
+        for name, module in list(sys.modules.items()):  # medanomaly.io and its modules: open() is called in several
+            if name == "medanomaly.io" or name.startswith("medanomaly.io."):
+                monkeypatch.setattr(module, "open", fake_open, raising=False)
+    return deny
+
+
+class Cli:
+    """``medanomaly -q ARGV`` run in-process, what its stderr says and what it left in a folder."""
+
+    def __init__(self, capsys: pytest.CaptureFixture) -> None:
+        self._capsys = capsys
+
+    def __call__(self, *argv) -> tuple[int, str]:
+        """(exit code, stderr) of ``medanomaly -q ARGV``."""
+        rc = main(["-q", *map(str, argv)])
+        return rc, self._capsys.readouterr().err
+
+    @staticmethod
+    def flat(text: str) -> tuple[str, str]:
+        """stderr with the CLI's line wrapping undone, both ways (broken at a space or a hyphen)."""
+        return text.replace("\n  ", " "), text.replace("\n  ", "")
+
+    @classmethod
+    def names(cls, err: str, path: Path) -> bool:
+        return any(str(path) in t for t in cls.flat(err))
+
+    @classmethod
+    def says(cls, err: str, pattern: str) -> bool:
+        return any(re.search(pattern, t, re.S) for t in cls.flat(err))
+
+    @staticmethod
+    def tmp_files(folder: Path) -> list[Path]:
+        """The atomic writers' leftovers (``.tmp-*``) under a folder."""
+        return [p for p in folder.rglob("*") if p.name.startswith(".tmp-")] if folder.exists() else []
+
+    @staticmethod
+    def outputs_of(out: Path, stem: str) -> list[Path]:
+        return [p for p in out.rglob(f"{stem}_*")] if out.exists() else []
+
+
+@pytest.fixture
+def cli(capsys) -> Cli:
+    """``rc, err = cli("train", folder, ...)``; ``cli.names(err, path)``, ``cli.says(err, regex)``."""
+    return Cli(capsys)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -29,8 +210,6 @@ def _one_thread():
 def phantoms(tmp_path_factory) -> Path:
     """medanomaly's demo phantoms, 5 cases x 4 slices of 48x48: 12 training slices (3 steps of 4),
     4 val, 4 test."""
-    from medanomaly.apps.demo import make_phantoms
-
     return make_phantoms(tmp_path_factory.mktemp("phantoms"), n_cases=5, slices=4, size=48)
 
 
@@ -63,12 +242,12 @@ def _make_model_dir(path: Path, task: str = "supervised", method: str = "denoise
     so eval-mode export is tested) and precision fp32 (the torch reference runs in fp32)."""
     cfg = TrainConfig(size=size, model=UNetConfig(width=4, depth=depth, norm=norm), task=task, precision="fp32",
                       anomaly=AnomalyConfig(method=method))
-    meta = model_meta(cfg, in_channels, PostprocessParams(), {})
+    model_file = build_model_file(cfg, in_channels, PostprocessParams(), TrainingSummary(), {})
     path.mkdir(parents=True, exist_ok=True)
-    (path / "model.json").write_text(json.dumps(meta))
+    write_model_file(model_file, path)
     if method != "intensity":
         torch.manual_seed(seed)
-        net = UNet(UNetConfig(**meta["model"]))
+        net = UNet(model_file.model)
         with torch.no_grad():
             for m in net.modules():
                 if isinstance(m, torch.nn.BatchNorm2d):

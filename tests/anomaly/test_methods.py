@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,12 +15,12 @@ from PIL import Image as PILImage
 from medanomaly.anomaly.methods import AnomalyConfig, coarse_noise, foreground, image_score, residual_map
 from medanomaly.apps.cli import main
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.metrics.functional import threshold_at_fpr
 from medanomaly.data.foreground import foreground_mask
+from medanomaly.metrics.functional import threshold_at_fpr
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 LGG = DATA / "lgg-flair"
-needs_lgg = pytest.mark.skipif(not LGG.is_dir(), reason=f"real LGG data not found at {LGG} (../shared/data)")
+needs_lgg = pytest.mark.shared_data("lgg-flair")
 
 
 def _power_above(noise: torch.Tensor, cycles: float) -> float:
@@ -179,7 +180,7 @@ def test_resume_with_another_task_is_refused(tmp_path, capsys):
 IXI = DATA / "volumes" / "ixi-t1-healthy"
 
 
-@pytest.mark.skipif(not IXI.is_dir(), reason=f"IXI healthy volumes not found at {IXI} (../shared/data)")
+@pytest.mark.shared_data("volumes/ixi-t1-healthy")
 def test_anomaly_on_healthy_volumes_slice_wise_keeps_the_affine(tmp_path):
     """3D smoke test: a 2D model trained on slices of healthy IXI volumes (no masks at all: the
     label-free threshold is used), applied slice-wise to a volume, written with its affine."""

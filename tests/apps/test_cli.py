@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -14,9 +15,9 @@ from PIL import Image as PILImage
 
 from medanomaly.apps.cli import main
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 LGG = DATA / "lgg-flair"
-needs_lgg = pytest.mark.skipif(not LGG.is_dir(), reason=f"real LGG data not found at {LGG} (../shared/data)")
+needs_lgg = pytest.mark.shared_data("lgg-flair")
 
 PATIENTS = {"train": ["TCGA_CS_4941_19960909", "TCGA_CS_4943_20000902", "TCGA_CS_4944_20010208"],
             "val": ["TCGA_CS_5395_19981004"], "test": ["TCGA_CS_5396_20010302"]}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -16,9 +17,9 @@ pytest.importorskip("onnxruntime")
 
 from medanomaly.io.dicomseg import read_dicom_seg  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 SERIES = DATA / "dicom-series" / "mr-gre-fieldmap-axial"
-pytestmark = pytest.mark.skipif(not SERIES.is_dir(), reason=f"real DICOM series not found at {SERIES}")
+pytestmark = pytest.mark.shared_data("dicom-series/mr-gre-fieldmap-axial")
 
 
 def test_predict_dicom_seg_and_onnx_runtime(tmp_path, make_model_dir):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import os
 import shutil
 import struct
 import zlib
@@ -28,11 +29,10 @@ from PIL import Image as PILImage
 
 from medanomaly.apps.cli import build_parser, main
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 LGG = DATA / "lgg-flair"
 FIELDMAP = DATA / "dicom-series" / "mr-gre-fieldmap-axial"
-pytestmark = pytest.mark.skipif(not (FIELDMAP.is_dir() and LGG.is_dir()),
-                                reason=f"real test data not found at {DATA} (../shared/data)")
+pytestmark = pytest.mark.shared_data("dicom-series/mr-gre-fieldmap-axial", "lgg-flair")
 PATIENTS = ["TCGA_CS_4941_19960909", "TCGA_CS_4943_20000902", "TCGA_CS_4944_20010208"]
 
 MARKERS = {"PatientName": "MARKER^NAME^XYZ", "PatientID": "MARKERID123", "PatientBirthDate": "19010101",

@@ -21,13 +21,13 @@ import torch
 
 import medanomaly
 from medanomaly.apps.cli import main
-from medanomaly.infer.predictor import read_model_meta
-from medanomaly.train.loop import METRIC_FIELDS
+from medanomaly.config.model_file import read_model_file
+from medanomaly.config.options import NORMALIZATIONS
+from medanomaly.train.checkpoint import METRIC_FIELDS
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 LGG = DATA / "lgg-flair"
-pytestmark = pytest.mark.skipif(not LGG.is_dir(), reason=f"real LGG data not found at {LGG} (../shared/data); "
-                                                         "these tests train on a few of its slices")
+pytestmark = pytest.mark.shared_data("lgg-flair")  # these tests train on a few of its slices
 
 # every slice of the two train patients (so an epoch lasts long enough to be killed inside it), 4 of the others
 PATIENTS = {"train": ["TCGA_CS_4941_19960909", "TCGA_CS_4943_20000902"], "val": ["TCGA_CS_5395_19981004"],
@@ -140,8 +140,7 @@ def test_sigkill_mid_epoch_then_resume_loses_at_most_that_epoch(lgg, tmp_path):
     final = _load(ckpt)
     assert final["epoch"] == EPOCHS - 1
     assert final["step"] == EPOCHS * (_n_train(lgg) // 2)  # the killed epoch's steps were not counted
-    meta = read_model_meta(run)
-    assert meta["training"]["best_epoch"] == final["best_epoch"]
+    assert read_model_file(run).training.best_epoch == final["best_epoch"]
 
 
 def test_cut_off_metrics_row_is_dropped_on_resume(model, lgg, tmp_path):
@@ -195,7 +194,7 @@ def test_model_json_records_version_and_input_spec(model):
     assert meta["task"] == "supervised"
     assert meta["input"]["channels"] == meta["model"]["in_channels"] == 1
     assert meta["input"]["size"] == 32
-    assert meta["input"]["normalization"] in ("auto", "minmax", "zscore", "percentile", "ct")
+    assert meta["input"]["normalization"] in NORMALIZATIONS
     assert meta["model"]["width"] == 4 and meta["model"]["depth"] == 2
 
 

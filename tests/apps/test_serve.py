@@ -2,7 +2,9 @@
 end in a real headless Chromium (Debian's ``chromium`` + ``chromium-driver``, driven by Selenium).
 
 The model is a tiny random U-Net (its scores still vary over the image, which is all the viewer
-needs); the images are a real LGG FLAIR slice and a real DICOM series from ``shared/data``.
+needs); the images are a real LGG FLAIR slice and a real DICOM series from ``shared/data``. The
+functions behind the endpoints have their own tests: tests/apps/test_uploads.py (type checks, zip
+extraction) and tests/apps/test_viewer.py (sessions, masks, outputs).
 """
 
 from __future__ import annotations
@@ -22,20 +24,21 @@ import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("multipart")
+import nibabel as nib  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 from PIL import Image as PILImage  # noqa: E402
 
 from medanomaly.anomaly.methods import AnomalyConfig  # noqa: E402
-from medanomaly.calibrate.search import model_meta  # noqa: E402
-from medanomaly.apps.cli import build_parser  # noqa: E402
+from medanomaly.apps.cli import build_parser, main  # noqa: E402
+from medanomaly.apps.serve import bind, create_app, is_loopback, make_server  # noqa: E402
+from medanomaly.config.model_file import TrainingSummary, build_model_file, write_model_file  # noqa: E402
 from medanomaly.config.schema import TrainConfig  # noqa: E402
-from medanomaly.core.errors import MedanomalyError  # noqa: E402
 from medanomaly.models.unet import UNet, UNetConfig  # noqa: E402
 from medanomaly.postprocess.ops import PostprocessParams  # noqa: E402
-from medanomaly.apps.serve import bind, check_type, create_app, extract_zip, is_loopback, make_server, sniff  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-LGG_SLICE = DATA / "lgg-flair" / "TCGA_CS_4944_20010208" / "TCGA_CS_4944_20010208_10_flair.png"
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
+LGG_SLICE_NAME = "lgg-flair/TCGA_CS_4944_20010208/TCGA_CS_4944_20010208_10_flair.png"
+LGG_SLICE = DATA / LGG_SLICE_NAME
 DICOM_SERIES = DATA / "dicom-series" / "mr-gre-fieldmap-axial"
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 MAX_MB = 4
@@ -46,18 +49,12 @@ def make_model_dir(path: Path, size: int = 32, seed: int = 0) -> Path:
     """A model directory as train writes it (as tests/test_export.py makes one), random weights."""
     cfg = TrainConfig(size=size, model=UNetConfig(width=4, depth=2), task="supervised", precision="fp32",
                       anomaly=AnomalyConfig())
-    meta = model_meta(cfg, 1, PostprocessParams(threshold=0.5), {})
+    model_file = build_model_file(cfg, 1, PostprocessParams(threshold=0.5), TrainingSummary(), {})
     path.mkdir(parents=True, exist_ok=True)
-    (path / "model.json").write_text(json.dumps(meta))
+    write_model_file(model_file, path)
     torch.manual_seed(seed)
-    torch.save(UNet(UNetConfig(**meta["model"])).state_dict(), path / "model.pt")
+    torch.save(UNet(model_file.model).state_dict(), path / "model.pt")
     return path
-
-
-def lgg_slice() -> Path:
-    if not LGG_SLICE.is_file():
-        pytest.skip(f"LGG data not found at {LGG_SLICE}")
-    return LGG_SLICE
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +104,9 @@ def test_page_is_self_contained(client):
     assert info["task"] == "supervised" and info["threshold"] == 0.5 and info["max_upload_bytes"] == MAX_MB * 2**20
 
 
+@pytest.mark.shared_data(LGG_SLICE_NAME)
 def test_lgg_slice_overlay_regions_and_mask(client):
-    r = upload(client, "slice.png", lgg_slice().read_bytes())
+    r = upload(client, "slice.png", LGG_SLICE.read_bytes())
     assert r.status_code == 200, r.text
     info = r.json()
     assert info["shape"] == [256, 256] and info["n_slices"] == 1 and not info["is_volume"]
@@ -199,19 +197,8 @@ def test_zip_with_unsafe_members_is_rejected(client, tmp_path):
     assert uploads_left(client) == []
 
 
-def test_extract_zip_counts_real_bytes(tmp_path):
-    """A header that understates a member's size cannot get past the cap: the bytes are counted."""
-    z = tmp_path / "a.zip"
-    z.write_bytes(_zip({"a/b.dcm": bytes(5000)}))
-    extract_zip(z, tmp_path / "ok", max_bytes=5000)
-    assert (tmp_path / "ok" / "a" / "b.dcm").stat().st_size == 5000
-    with pytest.raises(MedanomalyError, match="more than"):
-        extract_zip(z, tmp_path / "small", max_bytes=4999)
-
-
+@pytest.mark.shared_data("dicom-series/mr-gre-fieldmap-axial")
 def test_zipped_dicom_series_is_a_volume(client, tmp_path):
-    if not DICOM_SERIES.is_dir():
-        pytest.skip(f"DICOM series not found at {DICOM_SERIES}")
     data = _zip({f"fieldmap/{p.name}": p.read_bytes() for p in sorted(DICOM_SERIES.iterdir())})
     r = upload(client, "fieldmap.zip", data)
     assert r.status_code == 200, r.text
@@ -224,8 +211,6 @@ def test_zipped_dicom_series_is_a_volume(client, tmp_path):
     assert regions["unit"] == "mm³" and regions["regions"][0]["area_mm"] > 0
     mask = client.get(f"/api/mask/{sid}")
     assert mask.status_code == 200 and 'filename="fieldmap_mask.nii.gz"' in mask.headers["content-disposition"]
-    import nibabel as nib
-
     out = tmp_path / "m.nii.gz"
     out.write_bytes(mask.content)
     assert nib.load(out).shape == (64, 64, 36)
@@ -233,8 +218,6 @@ def test_zipped_dicom_series_is_a_volume(client, tmp_path):
 
 
 def test_nifti_volume_and_keep(model_dir, tmp_path):
-    import nibabel as nib
-
     vol = np.random.default_rng(0).uniform(0, 100, (24, 20, 3)).astype(np.float32)  # x, y, z
     path = tmp_path / "vol.nii.gz"
     nib.save(nib.Nifti1Image(vol, np.diag([0.9, 0.9, 3.0, 1.0])), path)
@@ -258,29 +241,14 @@ def test_only_loopback_host_names_are_answered(client):
     assert client.get("/", headers={"host": "localhost:8000"}).status_code == 200
 
 
-def test_type_checks():
-    assert sniff(png_bytes()[:64]) == "png"
-    assert sniff(b"\xff\xd8\xff\xe0") == "jpeg" and sniff(b"II*\x00....") == "tiff"
-    assert sniff(bytes(128) + b"DICM") == "dicom" and sniff(b"PK\x03\x04") == "zip"
-    assert check_type("IM0001", bytes(128) + b"DICM") == ".dcm"  # no suffix: typed by content
-    assert check_type("A.NII.GZ", _nifti_gz_head()) == ".nii.gz"
+def test_is_loopback():  # the upload type checks are in tests/apps/test_uploads.py
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
-
-
-def _nifti_gz_head() -> bytes:
-    import gzip
-
-    import nibabel as nib
-
-    return gzip.compress(nib.Nifti1Image(np.zeros((2, 2, 2), np.float32), np.eye(4)).to_bytes())[:2000]
 
 
 def test_cli_serve_arguments(model_dir, capsys):
     args = build_parser().parse_args(["serve", str(model_dir), "--port", "0", "--max-upload-mb", "5"])
     assert (args.command, args.host, args.port, args.max_upload_mb) == ("serve", "127.0.0.1", 0, 5.0)
-    from medanomaly.apps.cli import main
-
     sock = bind("127.0.0.1", 0)  # a port in use: one clear error, exit code 2
     try:
         assert main(["-q", "serve", str(model_dir), "--port", str(sock.getsockname()[1]), "--device", "cpu"]) == 2
@@ -364,9 +332,10 @@ OVERLAY_READY = ("(() => { const i = document.getElementById('overlay'); return 
                  "&& i.dataset.loaded === i.getAttribute('src'); })()")
 
 
+@pytest.mark.shared_data(LGG_SLICE_NAME)
 def test_browser_upload_overlay_and_threshold_slider(live_server, browser, tmp_path):
     url, app = live_server
-    path = lgg_slice()
+    path = LGG_SLICE
     browser.get(url)
     _wait(browser, "document.getElementById('model').textContent.includes('supervised')", "the model information")
     browser.find_element("id", "file").send_keys(str(path))

@@ -7,17 +7,21 @@ import json
 
 import pytest
 
-from medanomaly.data.augment import AugmentConfig
 from medanomaly.config.schema import (
     OPTIMIZERS,
     TrainConfig,
+    default,
     from_dict,
     load,
+    pretrain_budget,
     save,
     with_changes,
 )
+from medanomaly.config.sections import GanConfig
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.data.augment import AugmentConfig
 from medanomaly.models.unet import UNetConfig
+from medanomaly.train.gan import GanConfig as FromGan
 
 
 def test_defaults_valid():
@@ -155,3 +159,30 @@ def test_with_changes():
     assert cfg.lr == 0.5 and cfg.optimizer == TrainConfig().optimizer
     with pytest.raises(MedanomalyError):
         with_changes(TrainConfig(), optimizer="nope")
+
+
+def test_default_reads_dotted_keys():
+    cfg = TrainConfig()
+    assert default("max_minutes") == cfg.max_minutes and default("model.width") == cfg.model.width
+    assert default("anomaly.target_fpr") == cfg.anomaly.target_fpr and default("augment.enabled") is True
+
+
+def test_pretrain_budget_splits_time_and_epochs():
+    cfg = with_changes(TrainConfig(), max_minutes=10.0, epochs=7, pretrain_share=0.3)
+    assert pretrain_budget(cfg) == (10.0 * 0.3, 10.0 * (1 - 0.3), 2)
+    assert pretrain_budget(with_changes(cfg, epochs=1))[2] == 1  # at least one pretraining epoch
+
+
+def test_unet_dim_is_2_or_3():
+    with pytest.raises(ValueError, match="dim must be 2 or 3"):
+        UNetConfig(dim=4)
+    with pytest.raises(MedanomalyError, match="dim must be 2 or 3"):
+        load(None, {"model.dim": 1})
+
+
+def test_gan_config_lives_in_config_and_validates():
+    assert FromGan is GanConfig  # one class: the CLI quotes its defaults without importing torch
+    with pytest.raises(MedanomalyError, match="unknown precision 'fp8'; valid: auto, bf16, fp32"):
+        GanConfig(precision="fp8")
+    with pytest.raises(MedanomalyError, match="size is 8 but must be >= 16"):
+        GanConfig(size=8)

@@ -23,11 +23,11 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from medanomaly.core import distributed as distributed
 from medanomaly.apps.cli import main
+from medanomaly.core import distributed as distributed
 from medanomaly.core.errors import MedanomalyError
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 LGG = DATA / "lgg-flair"
 LGG_SPLITS = {"train": ["TCGA_CS_4941_19960909", "TCGA_CS_4943_20000902"], "val": ["TCGA_CS_5395_19981004"],
               "test": []}
@@ -46,11 +46,10 @@ def torchrun(*args: str, nproc: int = 2) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def lgg_tiny(tmp_path_factory) -> Path:
+def lgg_tiny(tmp_path_factory, shared_data) -> Path:
     """Symlinks to 4 slices of each of 3 real LGG patients (the 3 with the largest tumour and one
     without), and their split."""
-    if not LGG.is_dir():
-        pytest.skip(f"real LGG data not found at {LGG} (../shared/data); the phantom variant still runs")
+    shared_data("lgg-flair")  # skips without it; the phantom variant still runs
     root = tmp_path_factory.mktemp("lgg")
     for patient in LGG_SPLITS["train"] + LGG_SPLITS["val"]:
         masks = sorted((LGG / patient).glob("*_mask.png"))
@@ -131,6 +130,7 @@ TINY_3D = ["--dim", "3", "--no-plan", "--epochs", "2", "--patches-per-epoch", "4
            "--precision", "fp32", "--optimizer", "sgd", "--lr", "0.01", "--device", "cpu"]
 
 
+@pytest.mark.shared_data("volumes/brain1_image.nrrd")
 def test_3d_two_processes_equal_one_on_the_nrrd_volumes(tmp_path):
     """3D patches (global batch of 2 patches, one per process) on the two labelled NRRD brains.
 
@@ -139,8 +139,6 @@ def test_3d_two_processes_equal_one_on_the_nrrd_volumes(tmp_path):
     turns that into a difference of a few percent of one learning-rate step (measured with AdamW:
     one weight of 432 off by 3.2e-5 after 4 steps, the others within 1e-5). SGD passes the
     gradients through unscaled, so the comparison checks the data-parallel gradients themselves."""
-    if not (VOLUMES / "brain1_image.nrrd").is_file():
-        pytest.skip(f"real volumes not found at {VOLUMES} (../shared/data)")
     splits = tmp_path / "splits.json"
     splits.write_text(json.dumps({"train": ["brain1"], "val": ["brain2"], "test": []}))
     one, two = tmp_path / "one", tmp_path / "two"

@@ -4,6 +4,7 @@ in-memory slice sets (tiny synthetic folders, plus the real data sets where pres
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -12,6 +13,7 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
+from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.slices import (
     IMAGE_TOKENS,
     MASK_TOKENS,
@@ -27,11 +29,10 @@ from medanomaly.data.slices import (
     strip_token,
     to_slices,
 )
-from medanomaly.core.errors import MedanomalyError
 from medanomaly.io import read_image
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
+needs_data = pytest.mark.shared_data()
 
 
 # ---------------------------------------------------------------- helpers

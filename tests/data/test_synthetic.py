@@ -126,8 +126,8 @@ def test_synthetic_anomaly_method_trains_predicts_and_exports(tmp_path):
     from PIL import Image as PILImage
 
     from medanomaly.apps.cli import main
-    from medanomaly.io import read_image
     from medanomaly.infer.predictor import Predictor
+    from medanomaly.io import read_image
 
     data = tmp_path / "normals"
     rng = np.random.default_rng(0)
@@ -147,8 +147,6 @@ def test_synthetic_anomaly_method_trains_predicts_and_exports(tmp_path):
     assert score.shape == (48, 48) and 0.0 <= score.min() and score.max() <= 1.0
     assert main(["-q", "export", str(model)]) == 0
     sidecar = json.loads((model / "model.onnx.json").read_text())
-    from medanomaly.infer.export import OnnxRunner
-
-    onnx_score = OnnxRunner(model).scores(read_image(data / "case3" / "s0.png"))
+    onnx_score = Predictor(model, runtime="onnx").scores(read_image(data / "case3" / "s0.png"))
     assert np.abs(onnx_score - score).max() < 1e-3
     assert sidecar["output"]["name"] == "logits" and sidecar["output"]["shape"][1] == 1

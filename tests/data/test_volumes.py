@@ -4,6 +4,7 @@ MONAI's), resampling, and end-to-end runs on the real volumes of ../shared/data 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,24 @@ import torch
 
 from medanomaly.apps.cli import main
 from medanomaly.data.slices import discover
+from medanomaly.data.volumes import (
+    Volume,
+    crop,
+    default_patch,
+    group_volumes,
+    read_volume,
+    read_volume_mask,
+    resample,
+    resample_mask,
+    resampled_shape,
+    sample_patches,
+)
 from medanomaly.infer.sliding import gaussian_importance, sliding_window, window_starts
-from medanomaly.data.volumes import (Volume, crop, default_patch, group_volumes, read_volume, read_volume_mask, resample,
-                                resample_mask, resampled_shape, sample_patches)
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 VOLUMES, IXI, LGG = DATA / "volumes", DATA / "volumes" / "ixi-t1-healthy", DATA / "lgg-flair"
-needs = {name: pytest.mark.skipif(not path.exists(), reason=f"real data not found at {path} (../shared/data)")
-         for name, path in (("volumes", VOLUMES / "brain1_image.nrrd"), ("ixi", IXI), ("lgg", LGG))}
+needs = {"volumes": pytest.mark.shared_data("volumes/brain1_image.nrrd"),
+         "ixi": pytest.mark.shared_data("volumes/ixi-t1-healthy"), "lgg": pytest.mark.shared_data("lgg-flair")}
 
 
 def _volume(shape=(32, 64, 64), lesion=((2, 4), (50, 52), (5, 7))) -> Volume:
@@ -183,9 +194,8 @@ def _check_onnx_3d(model: Path, volume: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     import SimpleITK as sitk
 
-    from medanomaly.infer.export import OnnxRunner
-    from medanomaly.io import read_image
     from medanomaly.infer.predictor import Predictor
+    from medanomaly.io import read_image
 
     _run("export", str(model))
     doc = json.loads((model / "model.onnx.json").read_text())
@@ -194,7 +204,7 @@ def _check_onnx_3d(model: Path, volume: Path, tmp_path: Path) -> None:
     image = read_image(volume)
     torch_pred = Predictor(model)
     torch_pred.precision = "fp32"
-    np.testing.assert_allclose(OnnxRunner(model).scores(image), torch_pred.scores(image), atol=1e-4)
+    np.testing.assert_allclose(Predictor(model, runtime="onnx").scores(image), torch_pred.scores(image), atol=1e-4)
     _run("predict", str(model), str(volume), "--out", str(tmp_path / "onnx"), "--runtime", "onnx")
     out = sitk.ReadImage(str(tmp_path / "onnx" / "brain2_image_pred.nrrd"))
     assert out.GetSize() == sitk.ReadImage(str(volume)).GetSize()
@@ -229,10 +239,10 @@ def test_anomaly_3d_on_healthy_ixi_volumes_keeps_the_affine(tmp_path):
 
 @needs["lgg"]
 def test_3d_on_lgg_patient_folders_stacks_and_writes_per_slice(tmp_path):
+    from medanomaly.apps.api import train
     from medanomaly.config import schema as config
     from medanomaly.evaluate.score import evaluate_model
-    from medanomaly.infer.predictor import predict_paths
-    from medanomaly.apps.api import train
+    from medanomaly.infer.run import predict_paths
 
     splits = json.loads((LGG / "splits.json").read_text())
     picked = {k: splits[k][:1] for k in ("train", "val", "test")}

@@ -7,6 +7,7 @@ probabilities, logits, reconstructions and anomaly maps.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,17 +17,14 @@ import torch
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")  # torch.onnx.export (dynamo=False) needs it
 
-from medanomaly.anomaly.methods import AnomalyConfig  # noqa: E402
-from medanomaly.calibrate.search import model_meta  # noqa: E402
-from medanomaly.config.schema import TrainConfig  # noqa: E402
 from medanomaly.core.errors import MedanomalyError  # noqa: E402
-from medanomaly.infer.export import OnnxRunner, export_onnx, onnx_forward, sidecar_path  # noqa: E402
-from medanomaly.io import Geometry, Image, read_image  # noqa: E402
-from medanomaly.models.unet import UNet, UNetConfig  # noqa: E402
-from medanomaly.postprocess.ops import PostprocessParams  # noqa: E402
+from medanomaly.infer.export import export_onnx, sidecar_path  # noqa: E402
+from medanomaly.infer.onnx_runtime import OnnxBackend  # noqa: E402
 from medanomaly.infer.predictor import Predictor  # noqa: E402
+from medanomaly.io import Geometry, Image, read_image  # noqa: E402
+from medanomaly.postprocess.ops import PostprocessParams  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 LGG = DATA / "lgg-flair"
 ATOL = 1e-4
 
@@ -67,7 +65,7 @@ def test_onnx_equals_torch_on_random_batches(supervised):
     assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(float)", [1, 32, 32])
     assert out.name == "logits"
     net = Predictor(supervised, "cpu").model
-    forward = onnx_forward(session)
+    forward = OnnxBackend(session)
     gen = torch.Generator().manual_seed(1)
     for n in (1, 5):
         x = torch.rand(n, 1, 32, 32, generator=gen)
@@ -81,10 +79,10 @@ def test_onnx_equals_torch_on_random_batches(supervised):
 
 def test_runner_scores_equal_predictor(supervised):
     """Full path (normalise, resize, network, resize back) on an 8-bit 2D image and a small volume."""
-    runner, predictor = OnnxRunner(supervised), Predictor(supervised, "cpu")
+    runner, predictor = Predictor(supervised, runtime="onnx"), Predictor(supervised, "cpu")
     assert predictor.precision == "fp32"
     with torch.no_grad():  # the runner's torch network must be unused: break it
-        for p in runner.predictor.model.parameters():
+        for p in runner.model.parameters():
             p.fill_(float("nan"))
     rng = np.random.default_rng(0)
     for image in (raster(rng.integers(0, 256, (1, 50, 70))), raster(rng.random((1, 3, 40, 40)) * 900, "v.nii")):
@@ -94,13 +92,13 @@ def test_runner_scores_equal_predictor(supervised):
     np.testing.assert_array_equal(runner.predict(image).mask, predictor.predict(image).mask)
 
 
-@pytest.mark.skipif(not LGG.is_dir(), reason=f"real test data not found at {LGG}")
+@pytest.mark.shared_data("lgg-flair")
 def test_runner_equals_predictor_on_a_real_lgg_slice(supervised):
     patient = sorted(p for p in LGG.iterdir() if p.is_dir())[0]
     slices = sorted(patient.glob("*_flair.png"), key=lambda p: int(p.stem.split("_")[-2]))
     path = slices[len(slices) // 2]  # a mid-brain slice
     image = read_image(path)
-    got, expected = OnnxRunner(supervised).scores(image), Predictor(supervised, "cpu").scores(image)
+    got, expected = Predictor(supervised, runtime="onnx").scores(image), Predictor(supervised, "cpu").scores(image)
     assert got.shape == image.spatial_shape == (256, 256)
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
 
@@ -122,7 +120,7 @@ def test_anomaly_model_exports_reconstruction(tmp_path, make_model_dir):
     yy, xx = np.mgrid[:48, :48]
     head = (((yy - 24) ** 2 + (xx - 24) ** 2) < 18**2) * (120 + np.random.default_rng(3).integers(0, 60, (48, 48)))
     image = raster(head[None])
-    got = OnnxRunner(model_dir, onnx_path=out).scores(image)
+    got = Predictor(model_dir, runtime="onnx", onnx_path=out).scores(image)
     np.testing.assert_allclose(got, Predictor(model_dir, "cpu").scores(image), atol=ATOL, rtol=0)
     assert got.shape == (48, 48) and got.max() > 0
 
@@ -139,8 +137,8 @@ def test_multichannel_and_padded_size(tmp_path, make_model_dir):
     model_dir = make_model_dir(tmp_path / "rgb", in_channels=3, size=40, depth=3)
     export_onnx(model_dir)
     image = raster(np.random.default_rng(4).integers(0, 256, (3, 45, 37)))
-    np.testing.assert_allclose(OnnxRunner(model_dir).scores(image), Predictor(model_dir, "cpu").scores(image),
-                               atol=ATOL, rtol=0)
+    np.testing.assert_allclose(Predictor(model_dir, runtime="onnx").scores(image),
+                               Predictor(model_dir, "cpu").scores(image), atol=ATOL, rtol=0)
 
 
 def test_test_time_augmentation_is_kept_and_documented(tmp_path, make_model_dir):
@@ -152,8 +150,8 @@ def test_test_time_augmentation_is_kept_and_documented(tmp_path, make_model_dir)
     doc = json.loads(sidecar_path(export_onnx(model_dir)).read_text())
     assert doc["tta"] is True and "flip" in doc["score"]
     image = raster(np.random.default_rng(6).integers(0, 256, (1, 64, 64)))
-    np.testing.assert_allclose(OnnxRunner(model_dir).scores(image), Predictor(model_dir, "cpu").scores(image),
-                               atol=ATOL, rtol=0)
+    np.testing.assert_allclose(Predictor(model_dir, runtime="onnx").scores(image),
+                               Predictor(model_dir, "cpu").scores(image), atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("norm", ["instance", "group", "none"])
@@ -161,18 +159,18 @@ def test_other_norms_export(tmp_path, norm, make_model_dir):
     model_dir = make_model_dir(tmp_path / norm, norm=norm)
     export_onnx(model_dir)
     image = raster(np.random.default_rng(5).integers(0, 256, (1, 64, 64)))
-    np.testing.assert_allclose(OnnxRunner(model_dir).scores(image), Predictor(model_dir, "cpu").scores(image),
-                               atol=ATOL, rtol=0)
+    np.testing.assert_allclose(Predictor(model_dir, runtime="onnx").scores(image),
+                               Predictor(model_dir, "cpu").scores(image), atol=ATOL, rtol=0)
 
 
 def test_runner_refuses_a_missing_foreign_or_stale_onnx(tmp_path, supervised, make_model_dir):
     model_dir = make_model_dir(tmp_path / "other", size=48)
     with pytest.raises(MedanomalyError, match="medanomaly export"):
-        OnnxRunner(model_dir)
+        Predictor(model_dir, runtime="onnx")
     with pytest.raises(MedanomalyError, match="does not match"):
-        OnnxRunner(model_dir, onnx_path=supervised / "model.onnx")  # exported for size 32
+        Predictor(model_dir, runtime="onnx", onnx_path=supervised / "model.onnx")  # exported for size 32
     export_onnx(model_dir)
-    OnnxRunner(model_dir)
+    Predictor(model_dir, runtime="onnx")
     make_model_dir(model_dir, size=48, seed=1)  # retrained into the same folder: model.onnx is stale
     with pytest.raises(MedanomalyError, match="re-export"):
-        OnnxRunner(model_dir)
+        Predictor(model_dir, runtime="onnx")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -13,14 +14,14 @@ from scipy import ndimage
 
 pytest.importorskip("highdicom")
 
-from medanomaly.io.dicomseg import SERIES_DESCRIPTION, read_dicom_seg, sorted_series_datasets, write_dicom_seg  # noqa: E402
 from medanomaly.core.errors import MedanomalyError  # noqa: E402
 from medanomaly.io import read_image  # noqa: E402
+from medanomaly.io.dicomseg import SERIES_DESCRIPTION, read_dicom_seg, sorted_series_datasets, write_dicom_seg  # noqa: E402
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 AXIAL = DATA / "dicom-series" / "mr-gre-fieldmap-axial"  # 36 slices 64x64
 SAGITTAL = DATA / "dicom-series" / "mr-t1-mprage-sagittal"  # 176 oblique slices 256x256
-pytestmark = pytest.mark.skipif(not AXIAL.is_dir(), reason=f"real DICOM series not found at {AXIAL}")
+pytestmark = pytest.mark.shared_data("dicom-series/mr-gre-fieldmap-axial")
 
 SEG_STORAGE = "1.2.840.10008.5.1.4.1.1.66.4"
 
@@ -168,7 +169,7 @@ def test_errors(tmp_path, axial_seg):
             read_dicom_seg(axial_seg[1], SAGITTAL)
 
 
-@pytest.mark.skipif(not SAGITTAL.is_dir(), reason=f"real DICOM series not found at {SAGITTAL}")
+@pytest.mark.shared_data("dicom-series/mr-t1-mprage-sagittal")
 def test_oblique_sagittal_round_trip(tmp_path):
     mask = np.zeros((176, 256, 256), bool)
     mask[60:120, 40:200, 60:220] = blobs((60, 160, 160), seed=2, fraction=0.05)

@@ -23,16 +23,16 @@ import os
 import shutil
 import signal
 import struct
-import zlib
-from contextlib import contextmanager
 import tempfile
 import time
 import warnings
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import nibabel as nib
-import pydicom
 import numpy as np
+import pydicom
 import pytest
 import SimpleITK as sitk
 import tifffile
@@ -44,9 +44,8 @@ import medanomaly.io as mio
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.io import read_image, read_mask
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA} (../shared/data): "
-                                                          "the mutation fuzzing starts from real files")
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
+needs_data = pytest.mark.shared_data()  # the mutation fuzzing starts from real files
 EXAMPLES = int(os.environ.get("MEDANOMALY_FUZZ_EXAMPLES", "0")) or None
 FUZZ = settings(max_examples=EXAMPLES or 200, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

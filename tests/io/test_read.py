@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 from pathlib import Path
 
@@ -32,8 +33,8 @@ from medanomaly.io import (
     write_score,
 )
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real test data not found at {DATA}")
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
+needs_data = pytest.mark.shared_data()
 DICOM = DATA / "dicom"
 FIELDMAP = DATA / "dicom-series" / "mr-gre-fieldmap-axial"
 MPRAGE = DATA / "dicom-series" / "mr-t1-mprage-sagittal"

@@ -18,10 +18,10 @@ import torch
 from medanomaly.apps.cli import main
 from medanomaly.config.schema import load as load_config
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.models.init import load_matching, set_encoder_trainable
 from medanomaly.models.build import build_model
-from medanomaly.models.unet import ENCODERS, UNet, UNetConfig
+from medanomaly.models.init import load_matching, set_encoder_trainable
 from medanomaly.models.resnet_unet import ResNetUNet
+from medanomaly.models.unet import ENCODERS, UNet, UNetConfig
 
 # torchvision resnet18().state_dict(), in order: "NAME.weight|bias d0,d1,..." is one tensor; any other
 # "NAME C" is a BatchNorm2d (bn1, bn2, downsample.1): NAME.weight, .bias, .running_mean, .running_var of

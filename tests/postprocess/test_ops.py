@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from hypothesis.extra import numpy as hnp
 from medanomaly.postprocess import ops as P
 from medanomaly.postprocess.ops import PostprocessParams
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 FLAIR = DATA / "lgg-flair" / "TCGA_CS_4941_19960909" / "TCGA_CS_4941_19960909_10_flair.png"
 
 
@@ -137,7 +138,7 @@ def test_foreground_mask_3d() -> None:
     np.testing.assert_array_equal(P.foreground_mask(img), ball)
 
 
-@pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data folder {DATA} not found")
+@pytest.mark.shared_data("lgg-flair/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_10_flair.png")
 def test_foreground_mask_real_flair() -> None:
     from PIL import Image
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,9 @@ from PIL import Image as PILImage
 
 from medanomaly.apps.cli import main
 from medanomaly.data.slices import discover
-from medanomaly.train.gan import GanConfig, erased_region, place_mask, synthesize
+from medanomaly.train.gan import GanConfig, erased_region, synthesize
 
-LGG = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lgg-flair"
+LGG = Path(os.environ["MEDANOMALY_SHARED_DATA"]) / "lgg-flair"  # the root is resolved by tests/conftest.py
 TINY = GanConfig(size=32, minutes=0, max_steps=4, batch_size=4, width=8, depth=2, d_width=8, d_layers=2, margin=2)
 
 
@@ -116,17 +117,7 @@ def test_out_folder_is_protected(tiny, tmp_path, capsys):
     assert (tmp_path / "foreign" / "notes.txt").read_text() == "mine" and (out / "manifest.json").is_file()
 
 
-def test_place_mask_stays_inside_foreground():
-    fg = torch.zeros(32, 32, dtype=torch.bool)
-    fg[6:26, 6:26] = True
-    mask = torch.zeros(32, 32, dtype=torch.bool)
-    mask[4:10, 5:11] = True  # partly outside the foreground: must be moved in
-    for seed in range(5):
-        placed, transform = place_mask(mask, fg, torch.Generator().manual_seed(seed))
-        assert placed.any() and not (placed & ~fg).any() and set(transform) == {"flip_lr", "rotate_deg", "shift_yx"}
-
-
-@pytest.mark.skipif(not LGG.is_dir(), reason=f"real LGG data not found at {LGG} (../shared/data)")
+@pytest.mark.shared_data("lgg-flair")
 def test_real_lgg_smoke(tmp_path):
     splits = json.loads((LGG / "splits.json").read_text())
     small = {"train": splits["train"][:2], "val": splits["val"][:1], "test": []}

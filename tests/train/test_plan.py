@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,13 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
-from medanomaly.config import schema as config
 from medanomaly.apps.cli import main
+from medanomaly.config import schema as config
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.train.plan import (DataFingerprint, MachineInfo, fingerprint, for_run, load_plan, make_plan,
-                             save_plan)
+from medanomaly.train.plan import DataFingerprint, MachineInfo, fingerprint, for_run, load_plan, make_plan, save_plan
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 CPU2 = MachineInfo(cores=2, memory_gib=16.0, bf16=True)
 
 
@@ -201,16 +201,15 @@ def _brain_subset(dst: Path) -> Path:
     return dst
 
 
-REAL = {"lgg-flair": (DATA / "lgg-flair", _lgg_subset), "ph2": (DATA / "ph2", _ph2_subset),
-        "ixi": (DATA / "volumes" / "ixi-t1-healthy", _ixi_subset), "volumes": (DATA / "volumes", _brain_subset)}
+REAL = {"lgg-flair": ("lgg-flair", _lgg_subset), "ph2": ("ph2", _ph2_subset),
+        "ixi": ("volumes/ixi-t1-healthy", _ixi_subset), "volumes": ("volumes", _brain_subset)}
 DIMS = {"lgg-flair": 2, "ph2": 2, "ixi": 3, "volumes": 2}  # volumes: the labelled brains are anisotropic (6.5 mm)
 
 
 @pytest.mark.parametrize("name", list(REAL))
-def test_cli_plan_on_real_data_then_a_tiny_train_with_it(name, tmp_path, capsys):
-    data, subset = REAL[name]
-    if not data.is_dir():
-        pytest.skip(f"real data {data} not found (../shared/data is absent)")
+def test_cli_plan_on_real_data_then_a_tiny_train_with_it(name, tmp_path, capsys, shared_data):
+    sub, subset = REAL[name]
+    data = shared_data(sub)
     assert main(["-q", "plan", str(data), "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("setting") and "batch_size" in out and "plan written to" in out

@@ -14,7 +14,7 @@ from PIL import Image as PILImage
 
 from medanomaly.apps.cli import main
 from medanomaly.models.unet import UNet, UNetConfig
-from medanomaly.train.semisup import MeanTeacher
+from medanomaly.train.semisup import PRETRAIN_DONE, MeanTeacher, pretrain_finished
 
 
 def _tiny() -> UNet:
@@ -128,10 +128,32 @@ def test_unlabelled_default_pretrains_on_labelled_and_unlabelled_then_fine_tunes
     assert "pretrain" in DEFAULT_UNLABELLED_METHOD
     pre = json.loads((out / "pretrain-splits.json").read_text())
     assert pre["train"] == ["a", "b"] and pre["val"] == ["c"]
-    assert json.loads((out / "pretrain" / "model.json").read_text())["task"] == "anomaly"
+    assert json.loads((out / "pretrain" / "config.json").read_text())["task"] == "anomaly"
+    # the stage is only the --init of the supervised run: trained to its end, never calibrated
+    assert (out / "pretrain" / "finished.json").is_file() and not (out / "pretrain" / "model.json").exists()
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["init"] == str(out / "pretrain") and cfg["max_minutes"] == pytest.approx(0.7)
     assert json.loads((out / "pretrain" / "config.json").read_text())["max_minutes"] == pytest.approx(0.3)
     assert "--init" in caplog.text and "loaded" in caplog.text
     state = torch.load(out / "checkpoint.pt", weights_only=True)
     assert "teacher" not in state  # pretrain alone: no mean teacher
+
+
+def test_a_finished_pretraining_is_not_run_again(labelled, tmp_path):
+    """A run killed after its pretraining stage, started again: the stage's finished marker (or the
+    model.json of runs made before the marker existed) skips it; the supervised part starts from it."""
+    splits = tmp_path / "few.json"
+    splits.write_text(json.dumps({"train": ["a"], "val": ["c"], "test": ["d"], "unlabelled": ["b"]}))
+    out = tmp_path / "m"
+    flags = ["--splits", str(splits), "--unlabelled", "unlabelled", *TINY]
+    assert main(["-q", "train", str(labelled), "--out", str(out), *flags]) == 0
+    stage = (out / "pretrain" / "checkpoint.pt").read_bytes()
+    for name in ("model.json", "model.pt", "checkpoint.pt", "metrics.csv"):
+        (out / name).unlink()
+    assert main(["-q", "train", str(labelled), "--out", str(out), *flags]) == 0
+    assert (out / "pretrain" / "checkpoint.pt").read_bytes() == stage
+    assert json.loads((out / "config.json").read_text())["init"] == str(out / "pretrain")
+    (out / "pretrain" / PRETRAIN_DONE).unlink()
+    assert not pretrain_finished(out / "pretrain")
+    (out / "pretrain" / "model.json").write_text("{}")
+    assert pretrain_finished(out / "pretrain")

@@ -2,8 +2,9 @@
 
 Without ``--data`` it writes a small deterministic set of SYNTHETIC phantom images (an elliptical
 "head" with textured "tissue" and bright blob "lesions" on some slices; no patient data), labelled
-as synthetic in file names, splits and report, and trains a small model for a couple of minutes.
-With ``--data`` it runs the same pipeline with the defaults on real data.
+as synthetic in file names, splits and report, and trains a small model for
+:data:`~medanomaly.config.schema.DEMO_MAX_MINUTES` minutes. With ``--data`` it runs the same
+pipeline with the defaults on real data.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import numpy as np
 from PIL import Image as PILImage
 from scipy import ndimage
 
+from medanomaly.apps.api import train
 from medanomaly.config import schema as config
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.evaluate.score import evaluate_model
-from medanomaly.apps.api import train
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,15 @@ def make_phantoms(out: Path, n_cases: int = 16, slices: int = 10, size: int = 96
 
 def run_demo(out: str | Path, data: str | Path | None = None, max_minutes: float | None = None, seed: int = 0,
              device: str = "cpu", progress: bool = True) -> dict:
-    """Train, evaluate on the test split and write out/eval/report.html; return the summary."""
+    """Train, evaluate on the test split and write out/eval/report.html; return the summary.
+    ``max_minutes`` None: DEMO_MAX_MINUTES on the phantoms (0 too), TrainConfig's default with ``data``."""
     out = Path(out)
     synthetic = data is None
     if synthetic:
         data = make_phantoms(out / "synthetic-data", seed=seed)
-        cfg = config.load(None, {"size": 64, "max_minutes": max_minutes or 1.5, "epochs": 40, "batch_size": 16,
-                                 "lr": 3e-3, "seed": seed, "patience": 40, "model.width": 16, "model.depth": 3})
+        cfg = config.load(None, {"size": 64, "max_minutes": max_minutes or config.DEMO_MAX_MINUTES, "epochs": 40,
+                                 "batch_size": 16, "lr": 3e-3, "seed": seed, "patience": 40, "model.width": 16,
+                                 "model.depth": 3})
     else:
         cfg = config.load(None, {"max_minutes": max_minutes, "seed": seed})
     model_dir = out / "model"

@@ -109,6 +109,46 @@ def _member_path(name: str) -> PurePosixPath | None:
     return PurePosixPath(*parts)
 
 
+def _members(zf: zipfile.ZipFile, label: str, max_bytes: int,
+             max_members: int) -> list[tuple[zipfile.ZipInfo, PurePosixPath]]:
+    """The (entry, safe relative path) pairs to extract, every entry checked before anything is
+    written: no unsafe paths, symbolic links or encryption; at most ``max_members`` entries and
+    ``max_bytes`` uncompressed by the sizes the archive declares."""
+    infos = zf.infolist()
+    if len(infos) > max_members:
+        raise MedanomalyError(f"{label} holds {len(infos)} entries, more than the {max_members} allowed; "
+                              "zip one DICOM series")
+    todo, declared = [], 0
+    for info in infos:
+        rel = _member_path(info.filename)
+        if (info.external_attr >> 16) & 0o170000 == 0o120000:
+            raise MedanomalyError(f"{label} holds a symbolic link {info.filename!r}; zip the files themselves")
+        if rel is None or info.is_dir():
+            continue
+        if info.flag_bits & 0x1:
+            raise MedanomalyError(f"{label} is encrypted ({info.filename}); upload an unencrypted zip")
+        declared += info.file_size
+        todo.append((info, rel))
+    if declared > max_bytes:
+        raise MedanomalyError(f"{label} holds {declared / 2**20:.0f} MB uncompressed, more than the "
+                              f"{max_bytes / 2**20:.0f} MB allowed; upload a smaller series")
+    return todo
+
+
+def _copy_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, total: int, max_bytes: int,
+                 label: str) -> int:
+    """Decompress one entry into the new file ``target``; returns ``total`` plus its bytes, counted
+    as they come out (a header that lies about the size cannot get past ``max_bytes``)."""
+    with zf.open(info) as src, open(target, "xb") as dst:
+        while chunk := src.read(1 << 20):
+            total += len(chunk)
+            if total > max_bytes:
+                raise MedanomalyError(f"{label} expands to more than {max_bytes / 2**20:.0f} MB; "
+                                      "upload a smaller series")
+            dst.write(chunk)
+    return total
+
+
 def extract_zip(path: Path, dest: Path, max_bytes: int, max_members: int = MAX_ZIP_MEMBERS,
                 label: str | None = None) -> Path:
     """Extract a zip safely into ``dest`` (created) and return ``dest``.
@@ -122,24 +162,7 @@ def extract_zip(path: Path, dest: Path, max_bytes: int, max_members: int = MAX_Z
     except (zipfile.BadZipFile, OSError, ValueError) as exc:
         raise MedanomalyError(f"{label} is not a readable zip archive ({exc}); re-create it") from exc
     with zf:
-        infos = zf.infolist()
-        if len(infos) > max_members:
-            raise MedanomalyError(f"{label} holds {len(infos)} entries, more than the {max_members} allowed; "
-                                  "zip one DICOM series")
-        todo, declared = [], 0
-        for info in infos:
-            rel = _member_path(info.filename)
-            if (info.external_attr >> 16) & 0o170000 == 0o120000:
-                raise MedanomalyError(f"{label} holds a symbolic link {info.filename!r}; zip the files themselves")
-            if rel is None or info.is_dir():
-                continue
-            if info.flag_bits & 0x1:
-                raise MedanomalyError(f"{label} is encrypted ({info.filename}); upload an unencrypted zip")
-            declared += info.file_size
-            todo.append((info, rel))
-        if declared > max_bytes:
-            raise MedanomalyError(f"{label} holds {declared / 2**20:.0f} MB uncompressed, more than the "
-                                  f"{max_bytes / 2**20:.0f} MB allowed; upload a smaller series")
+        todo = _members(zf, label, max_bytes, max_members)
         dest.mkdir(parents=True, exist_ok=True)
         root, total = dest.resolve(), 0
         try:
@@ -148,13 +171,7 @@ def extract_zip(path: Path, dest: Path, max_bytes: int, max_members: int = MAX_Z
                 if root not in target.resolve().parents:  # belt and braces after _member_path
                     raise MedanomalyError(f"{label} holds an unsafe entry {info.filename!r}")
                 target.parent.mkdir(parents=True, exist_ok=True)
-                with zf.open(info) as src, open(target, "xb") as dst:
-                    while chunk := src.read(1 << 20):
-                        total += len(chunk)
-                        if total > max_bytes:
-                            raise MedanomalyError(f"{label} expands to more than {max_bytes / 2**20:.0f} MB; "
-                                                  "upload a smaller series")
-                        dst.write(chunk)
+                total = _copy_member(zf, info, target, total, max_bytes, label)
         except FileExistsError as exc:
             raise MedanomalyError(f"{label} holds {Path(exc.filename).name} twice; zip one DICOM series") from exc
         except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, OSError, EOFError) as exc:
@@ -175,5 +192,3 @@ def find_series(folder: Path, label: str) -> Path:
     names = ", ".join(str(s.relative_to(folder)) + "/" for s in series[:5])
     raise MedanomalyError(f"{label} holds {len(series)} DICOM series ({names}); zip one series per upload")
 
-
-# ---------------------------------------------------------------------------------------------- sessions

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from PIL import Image as PILImage
 
 from medanomaly.apps.uploads import (
     _HEAD,
@@ -205,8 +206,6 @@ class Viewer:
     # -- outputs
 
     def slice_png(self, sid: str, k: int, threshold: float | None) -> bytes:
-        from PIL import Image as PILImage
-
         s = self.get(sid)
         if not 0 <= k < s.n_slices:
             raise ApiError(404, f"slice {k} does not exist; the image has {s.n_slices} slice(s), 0..{s.n_slices - 1}")

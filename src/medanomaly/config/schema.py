@@ -8,7 +8,15 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from medanomaly.config.options import LOSSES, NORMS, OPTIMIZERS, PRECISIONS, SECTIONS, TASKS, UNLABELLED_METHODS
+from medanomaly.config.options import (
+    LOSSES,
+    NORMS,
+    OPTIMIZERS,
+    PRECISIONS,
+    SECTIONS,
+    TASKS,
+    UNLABELLED_METHODS,
+)
 from medanomaly.config.sections import AnomalyConfig, AugmentConfig, UNetConfig
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
@@ -47,7 +55,7 @@ class TrainConfig:
     unlabelled_method: str = "auto"  # what --unlabelled does: auto (the measured best), mean-teacher, pretrain, both
     pretrain_share: float = 0.3  # --unlabelled with pretrain: share of max_minutes spent pretraining
     extra: str | None = None  # supervised: a folder of more image/mask pairs ('synthesize' output), added to train only
-    # 3D (model.dim 3, see medanomaly.train.loop3d): sizes in voxels (Z, Y, X) of the resampled grid, spacing in mm
+    # 3D (model.dim 3, see medanomaly.train.prepare): sizes in voxels (Z, Y, X) of the resampled grid, spacing in mm
     patch: tuple[int, int, int] | None = None  # None: the median volume, shrunk to 64^3 voxels (CPU) / 128^3 (GPU)
     spacing: tuple[float, float, float] | None = None  # target spacing; None: median of the training volumes
     foreground_fraction: float = 0.33  # share of patches centred on a lesion (anomaly: body) voxel, as nnU-Net
@@ -70,6 +78,25 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+#: training budget of ``medanomaly demo`` on its synthetic phantoms, minutes (with --data: TrainConfig's)
+DEMO_MAX_MINUTES = 1.5
+
+
+def default(key: str) -> Any:
+    """The built-in default of a TrainConfig key; dotted keys (``model.width``) reach into the sections."""
+    value: Any = TrainConfig()
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def pretrain_budget(cfg: TrainConfig) -> tuple[float, float, int]:
+    """``--unlabelled`` with pretraining splits the run: (pretraining minutes, fine-tuning minutes,
+    pretraining epochs), ``pretrain_share`` of the time budget and of the epochs going to pretraining."""
+    share = cfg.pretrain_share
+    return cfg.max_minutes * share, cfg.max_minutes * (1 - share), max(1, round(cfg.epochs * share))
 
 
 def _check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:

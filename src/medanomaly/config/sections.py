@@ -1,7 +1,8 @@
 """The sections of a training configuration, each a frozen dataclass saved with the model: the
 network (:class:`UNetConfig`), augmentation (:class:`AugmentConfig`), the anomaly task
-(:class:`AnomalyConfig`) and post-processing (:class:`PostprocessParams`). Sizes are pixels (voxels
-in 3D) at the model input size unless a field says otherwise."""
+(:class:`AnomalyConfig`), post-processing (:class:`PostprocessParams`), and the lesion generator of
+``synthesize`` (:class:`GanConfig`). Sizes are pixels (voxels in 3D) at the model input size unless a
+field says otherwise."""
 
 from __future__ import annotations
 
@@ -10,7 +11,13 @@ from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-from medanomaly.config.options import ANOMALY_METHODS, ENCODERS, RESIDUALS
+from medanomaly.config.options import (
+    ANOMALY_METHODS,
+    DIMS,
+    ENCODERS,
+    PRECISIONS,
+    RESIDUALS,
+)
 from medanomaly.core.errors import MedanomalyError
 
 
@@ -39,6 +46,8 @@ class UNetConfig:
     encoder: str = "plain"  # a key of ENCODERS; model.json files without it are "plain"
 
     def __post_init__(self) -> None:
+        if self.dim not in DIMS:
+            raise ConfigError(f"dim must be 2 or 3, got {self.dim}")
         if self.encoder not in ENCODERS:
             raise ConfigError(f"unknown encoder {self.encoder!r}; valid: {', '.join(ENCODERS)}")
         if self.encoder != "plain" and self.dim != 2:
@@ -131,3 +140,37 @@ class PostprocessParams:
         if unknown:
             raise ValueError(f"unknown postprocess keys {unknown}; valid keys are {valid}")
         return cls(**d)
+
+
+@dataclass(frozen=True)
+class GanConfig:
+    """Everything that defines a GAN run of ``synthesize`` (:mod:`medanomaly.train.gan`); sizes in
+    pixels at ``size``."""
+
+    size: int = 128  # images are loaded, generated and written at size x size
+    minutes: float = 20.0  # training time budget (<= 0: no time limit, max_steps only)
+    max_steps: int = 100_000
+    batch_size: int = 8
+    lr: float = 2e-4  # Adam, both networks; constant, then linear decay over the second half
+    betas: tuple[float, float] = (0.5, 0.999)
+    l1_weight: float = 100.0
+    l1_outside: float = 0.1  # L1 weight outside the erased region, relative to inside
+    width: int = 16  # generator U-Net: channels of the first level
+    depth: int = 4  # generator U-Net: down-sampling steps
+    d_width: int = 32  # discriminator: channels of the first layer
+    d_layers: int = 3  # discriminator: stride-2 layers (3: 70x70 patches)
+    margin: int = 3  # the erased region is the mask dilated by this many pixels
+    seed: int = 0
+    precision: str = "auto"  # bf16 autocast where the CPU/GPU supports it (runtime.choose_precision)
+    normalization: str = "auto"
+
+    def __post_init__(self) -> None:
+        least = {"size": 16, "batch_size": 1, "max_steps": 1, "width": 1, "depth": 1, "d_width": 1, "d_layers": 1,
+                 "margin": 0}
+        bad = [f"{k} is {getattr(self, k)} but must be >= {v}" for k, v in least.items() if getattr(self, k) < v]
+        if bad or self.precision not in PRECISIONS:
+            raise MedanomalyError("GAN settings: " + ("; ".join(bad) or f"unknown precision {self.precision!r}; "
+                                                      f"valid: {', '.join(PRECISIONS)}"))
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -166,7 +166,7 @@ class GlobalBatch(torch.nn.Module):
     """Run ``module`` data-parallel on a global batch; return the output of the whole batch.
 
     Rank r takes rows r, r + W, r + 2W, ... (strided, so the lesion-rich rows that
-    :func:`medanomaly.train.loop.batch_indices` puts first are spread over ranks), runs them through
+    :func:`medanomaly.train.sources.batch_indices` puts first are spread over ranks), runs them through
     ``DistributedDataParallel(module)``, and all-gathers the outputs (float32) of the other ranks,
     detached, into the rows they came from. A loss of the returned tensor equals the
     single-process loss; backward reaches this rank's rows only, and DDP sums the gradients

@@ -15,20 +15,22 @@ import csv
 import io as _io
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from medanomaly.anomaly.methods import image_score
+from medanomaly.anomaly.methods import AnomalyConfig, image_score
 from medanomaly.calibrate.search import fit_intensity_baseline
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.slices import Sample, discover, load_splits
 from medanomaly.evaluate.report import GalleryItem, select_gallery, write_report
 from medanomaly.infer.overlay import best_slice
-from medanomaly.infer.predictor import Predictor, check_output_dir, output_stem, write_prediction
+from medanomaly.infer.predictor import Predictor
 from medanomaly.infer.volume import iter_volumes, slice_predictions
+from medanomaly.infer.write import check_output_dir, output_stem, write_prediction
 from medanomaly.io import read_image, read_mask, stem_of
 from medanomaly.metrics import functional as M
 
@@ -57,8 +59,7 @@ class Accumulator:
         return self.scores[0], self.truths[0]
 
     def add(self, case: str, pred: np.ndarray, truth: np.ndarray, score: np.ndarray | None, image: np.ndarray | None = None) -> None:
-        s = M.get_stats(pred, truth)
-        self.per_case[case] = self.per_case[case] + s if case in self.per_case else s
+        M.add_case(self.per_case, case, M.get_stats(pred, truth))
         ls = M.lesion_stats(pred, truth)
         self.lesions_case[case] = M.add_lesion_stats(self.lesions_case[case], ls) if case in self.lesions_case else ls
         self.n_images[case] = self.n_images.get(case, 0) + 1
@@ -67,6 +68,13 @@ class Accumulator:
             self.truths.append(truth.astype(bool).ravel())
         if image is not None and score is not None:
             self._keep_for_gallery(case, image, score, pred, truth)
+
+    def add_detection(self, score: np.ndarray, truth: np.ndarray, anomaly: AnomalyConfig) -> None:
+        """Image-level detection of one prediction, per 2D image (each slice of a (D, H, W) score map
+        and truth): its image score and whether its truth holds a lesion."""
+        per_slice = [(score, truth)] if score.ndim == 2 else list(zip(score, truth))
+        self.image_scores += [image_score(sc, anomaly) for sc, _ in per_slice]
+        self.image_labels += [bool(tr.any()) for _, tr in per_slice]
 
     def _keep_for_gallery(self, case, image, score, pred, truth) -> None:
         """Keep, per case, the 2D slice showing the most lesion (truth, else prediction)."""
@@ -102,7 +110,7 @@ def summarize(acc: Accumulator) -> dict:
            "dice": M.dice(pooled), "iou": M.iou(pooled), "sensitivity": M.sensitivity(pooled),
            "specificity": M.specificity(pooled), "precision": M.precision(pooled), "f1": M.f1(pooled),
            "auroc": float("nan"), "auprc": float("nan"),
-           "dice_per_case_mean": float(np.mean(case_dice)), "dice_per_case_std": float(np.std(case_dice)),
+           "dice_per_case_mean": M.mean_case_dice(acc.per_case), "dice_per_case_std": float(np.std(case_dice)),
            "dice_per_case_median": float(np.median(case_dice)),
            **M.lesion_metrics(lesions), "lesions": lesions}
     if acc.scores:
@@ -215,9 +223,7 @@ def _predict_and_score(predictor, samples: list[Sample], data: Path, pred_dir: P
             write_prediction(pred, output_stem(pred_dir, data, s.image))
         acc.add(s.case, pred.mask, truth, pred.score, img.array if pred_dir is not None else None)
         if predictor.anomaly is not None:  # image-level detection, per 2D image (slice)
-            per_slice = [(pred.score, truth)] if pred.score.ndim == 2 else list(zip(pred.score, truth))
-            acc.image_scores += [image_score(sc, predictor.anomaly) for sc, _ in per_slice]
-            acc.image_labels += [bool(tr.any()) for _, tr in per_slice]
+            acc.add_detection(pred.score, truth, predictor.anomaly)
     return acc
 
 
@@ -236,7 +242,7 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, spl
     predictor = Predictor(model_dir, device)
     acc = _predict_and_score(predictor, samples, data, out / "predictions", progress)
     post = predictor.post.to_dict()
-    calibration = predictor.meta.get("calibration", {})
+    calibration = predictor.model_file.calibration
     extra = {"split": split or "all", "model": str(model_dir), "task": predictor.task, "postprocess": post,
              "threshold_source": f"validation split ({calibration.get('mode', 'Dice on val')}), saved in model.json",
              "calibration": calibration}
@@ -296,7 +302,5 @@ def predict_and_score_3d(predictor, samples: Sequence[Sample], data: Path, pred_
                 write_prediction(p, output_stem(pred_dir, data, path))
             acc.add(vc.case, p.mask, t, p.score, p.image.array if pred_dir is not None else None)
             if predictor.anomaly is not None:  # image-level detection, per 2D slice
-                per_slice = [(p.score, t)] if p.score.ndim == 2 else list(zip(p.score, t))
-                acc.image_scores += [image_score(sc, predictor.anomaly) for sc, _ in per_slice]
-                acc.image_labels += [bool(tr.any()) for _, tr in per_slice]
+                acc.add_detection(p.score, t, predictor.anomaly)
     return acc

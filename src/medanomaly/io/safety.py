@@ -15,7 +15,6 @@ from typing import Any, Iterator
 
 from medanomaly.core.errors import MedanomalyError
 
-
 #: Largest image accepted, in values (voxels x channels), checked from the file header before decoding.
 #: Read at call time, so it can be raised: ``medanomaly.io.safety.MAX_PIXELS = ...``.
 MAX_PIXELS = 2**28
@@ -39,7 +38,7 @@ def _check_size(path: Path, shape: Any, what: str = "image") -> None:
     if n > limit:
         raise MedanomalyError(
             f"{path}: the header gives the {what} size {'x'.join(map(str, dims))} = {n:,} values, above "
-            f"the limit of {limit:,} (medanomaly.io.MAX_PIXELS); if the header is right, crop or "
+            f"the limit of {limit:,} (medanomaly.io.safety.MAX_PIXELS); if the header is right, crop or "
             "downsample the image first (if it is wrong, the file is damaged: re-export it)")
 
 

@@ -1,24 +1,27 @@
 """What a supervised run can add to its labelled slices when labels are few (README, "Learning
 from few labels"): extra image/mask pairs (``--extra``, e.g. from ``medanomaly synthesize``),
-unlabelled images (``--unlabelled``: pretraining on them, or a mean teacher), and the statistics
-behind synthetic lesions (``--synthetic-lesions``). The training loop (:mod:`medanomaly.train.loop`)
-calls :func:`build_extras` and :func:`load_extra`; each source is checked before minutes are spent.
+unlabelled images (``--unlabelled``: a mean teacher here; the pretraining on them is a stage of
+:func:`medanomaly.train.run.train`), and the statistics behind synthetic lesions
+(``--synthetic-lesions``). Data preparation (:mod:`medanomaly.train.prepare`) calls
+:func:`load_extra`, the run :func:`build_extras`; each source is checked before minutes are spent.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-from medanomaly.config import schema as config_mod
+from PIL import Image as PILImage
+
 from medanomaly.config.schema import TrainConfig
-from medanomaly.core.distributed import is_main
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.data.slices import SliceSet, discover, load_slices
+from medanomaly.data.slices import Sample, SliceSet, discover, load_slices
 from medanomaly.data.synthetic import LesionStats
 from medanomaly.io import read_image
+from medanomaly.train.checkpoint import load_state
+from medanomaly.train.semisup import MeanTeacher, resolve_method
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +30,9 @@ log = logging.getLogger(__name__)
 class Extras:
     """Optional parts of a supervised step: synthetic lesions and the mean teacher's unlabelled data."""
 
-    lesion_stats: object | None = None  # synthetic.LesionStats
-    teacher: object | None = None  # semisup.MeanTeacher
+    lesion_stats: LesionStats | None = None
+    teacher: MeanTeacher | None = None
     unlabelled: SliceSet | None = None
-
-
 
 
 def load_extra(cfg: TrainConfig, data: Path, parts: dict[str, list], channels: int, progress: bool) -> SliceSet:
@@ -44,9 +45,23 @@ def load_extra(cfg: TrainConfig, data: Path, parts: dict[str, list], channels: i
     size (read from the file header, before any resizing) is not cfg.size, or when its channels
     differ from ``channels`` (those of the training images).
     """
-    from PIL import Image as PILImage
-
     source = Path(cfg.extra)
+    pairs = _extra_pairs(source)
+    _check_no_leak(source, pairs, data, parts)
+    for s in pairs:
+        _check_extra_size(s.image, cfg.size)
+    extra = load_slices(pairs, cfg.size, cfg.normalization, with_masks=True, progress=progress)
+    if extra.images.shape[1] != channels:
+        raise MedanomalyError(f"extra pair {pairs[0].image} has {extra.images.shape[1]} channels but the training "
+                              f"images have {channels}; give pairs of the same modality and channels (regenerate "
+                              "them with 'medanomaly synthesize' on this data)")
+    extra.cases = [f"extra:{c}" for c in extra.cases]
+    log.info("adding %d extra pairs (%d slices) from %s to the training split", len(pairs), len(extra), source)
+    return extra
+
+
+def _extra_pairs(source: Path) -> list[Sample]:
+    """The image/mask pairs of the --extra folder; refused when it is no folder or holds none."""
     if not source.is_dir():
         raise MedanomalyError(f"--extra {source} is not a folder; pass the --out folder of 'medanomaly synthesize' "
                               "(or any folder of image/mask pairs)")
@@ -57,6 +72,12 @@ def load_extra(cfg: TrainConfig, data: Path, parts: dict[str, list], channels: i
     if not pairs:
         raise MedanomalyError(f"--extra {source} holds no image/mask pair; put images in images/ and masks in "
                               "masks/ (as 'medanomaly synthesize' writes them), or X.png beside X_mask.png")
+    return pairs
+
+
+def _check_no_leak(source: Path, pairs: list[Sample], data: Path, parts: dict[str, list]) -> None:
+    """Refuse extra pairs that are images of ``data`` itself, or that its manifest.json says were
+    painted into val/test images of this split."""
     own = {p.resolve() for v in parts.values() for s in v for p in (s.image, s.mask) if p is not None}
     clash = [s.image for s in pairs if s.image.resolve() in own]
     if clash:
@@ -73,70 +94,36 @@ def load_extra(cfg: TrainConfig, data: Path, parts: dict[str, list], channels: i
         raise MedanomalyError(f"--extra {source}: {len(leaked)} pairs (e.g. {leaked[0]}) were made from val/test "
                               "images of this split, which would leak them into training; regenerate them with "
                               "'medanomaly synthesize' and the same --splits")
-    for s in pairs:
-        try:
-            with PILImage.open(s.image) as im:  # the header only: no pixel decoded
-                h, w = im.height, im.width
-        except Exception:  # noqa: BLE001 - not a Pillow format (NIfTI, NRRD, DICOM...): read it
-            h, w = read_image(s.image).spatial_shape[-2:]
-        if (h, w) != (cfg.size, cfg.size):
-            fix = f"train with --size {h}" if h == w else f"resize the pairs to {cfg.size}x{cfg.size}"
-            raise MedanomalyError(f"extra pair {s.image} is {h}x{w} but training runs at {cfg.size}x{cfg.size}: "
-                                  f"regenerate with `medanomaly synthesize --size {cfg.size}` or {fix}")
-    extra = load_slices(pairs, cfg.size, cfg.normalization, with_masks=True, progress=progress)
-    if extra.images.shape[1] != channels:
-        raise MedanomalyError(f"extra pair {pairs[0].image} has {extra.images.shape[1]} channels but the training "
-                              f"images have {channels}; give pairs of the same modality and channels (regenerate "
-                              "them with 'medanomaly synthesize' on this data)")
-    extra.cases = [f"extra:{c}" for c in extra.cases]
-    log.info("adding %d extra pairs (%d slices) from %s to the training split", len(pairs), len(extra), source)
-    return extra
 
 
-
-
-def pretrain_first(cfg: TrainConfig, data: Path, out: Path, splits: dict, device: str, progress: bool) -> TrainConfig:
-    """--unlabelled with a pretrain method (the default): denoising pretraining on labelled +
-    unlabelled images for a share of the budget, then supervised training from those weights in the
-    rest. The changed configuration is saved, so --resume continues the supervised part."""
-    from medanomaly.train.semisup import pretrain_unlabelled, resolve_method
-
-    method = resolve_method(cfg.unlabelled_method)
-    if "pretrain" not in method or cfg.init:
-        return cfg
-    log.info("--unlabelled (%s): self-supervised pretraining on labelled + unlabelled images first, %.1f min",
-             method, cfg.max_minutes * cfg.pretrain_share)
-    init = pretrain_unlabelled(cfg, data, out, splits, device, progress)
-    cfg = replace(cfg, init=str(init), max_minutes=cfg.max_minutes * (1 - cfg.pretrain_share))
-
-    if is_main():  # under torchrun, rank 0 alone writes files
-        config_mod.save(cfg, out / "config.json")
-    return cfg
-
-
+def _check_extra_size(image: Path, size: int) -> None:
+    """An extra pair must have the training size natively (read from the header, before any resizing)."""
+    try:
+        with PILImage.open(image) as im:  # the header only: no pixel decoded
+            h, w = im.height, im.width
+    except Exception:  # noqa: BLE001 - not a Pillow format (NIfTI, NRRD, DICOM...): read it
+        h, w = read_image(image).spatial_shape[-2:]
+    if (h, w) != (size, size):
+        fix = f"train with --size {h}" if h == w else f"resize the pairs to {size}x{size}"
+        raise MedanomalyError(f"extra pair {image} is {h}x{w} but training runs at {size}x{size}: "
+                              f"regenerate with `medanomaly synthesize --size {size}` or {fix}")
 
 
 def build_extras(cfg: TrainConfig, data: Path, train_set: SliceSet, model, resume_from: Path | None,
-            progress: bool, splits: dict[str, list[str]] | None = None) -> Extras:
-    """Synthetic-lesion statistics and the mean teacher with its unlabelled images, where asked for."""
-    from medanomaly.train.semisup import resolve_method
-
+                 progress: bool, splits: dict[str, list[str]] | None = None) -> Extras:
+    """Synthetic-lesion statistics and the mean teacher with its unlabelled images, where asked for
+    (the teacher starts from ``model``, or from the checkpoint ``resume_from``)."""
     extras = Extras()
     if cfg.task != "supervised":
         return extras
     if cfg.synthetic_lesions > 0:  # intensities of the real training lesions
-
         extras.lesion_stats = LesionStats.from_slices(train_set.images, train_set.masks)
         log.info("synthetic lesions with p=%.2f, from real lesions: %s", cfg.synthetic_lesions, extras.lesion_stats)
     if cfg.unlabelled and "mean-teacher" in resolve_method(cfg.unlabelled_method):
-        from medanomaly.train.semisup import MeanTeacher
-
         extras.unlabelled = load_unlabelled(cfg, data, train_set, progress, splits)
         steps = max(1, len(train_set) // cfg.batch_size)
         extras.teacher = MeanTeacher(model, cfg.ema_decay, cfg.consistency_weight, rampup_steps=5 * steps)
         if resume_from is not None:
-            from medanomaly.train.loop import load_state
-
             st = load_state(resume_from)
             if "teacher" in st:
                 extras.teacher.teacher.load_state_dict(st["teacher"])
@@ -164,8 +151,8 @@ def unlabelled_samples(cfg: TrainConfig, data: Path, train_set: SliceSet,
         names = splits if splits is not None else (json.loads(splits_file.read_text()) if splits_file.is_file() else {})
         if cfg.unlabelled not in names:
             raise MedanomalyError(f"--unlabelled {cfg.unlabelled}: neither a folder nor a split (a list of case "
-                                  f"ids) of the split file in use (lists there: {sorted(names)}); pass a folder of images without masks, or a "
-                                  "split file (--splits) with a list of that name")
+                                  f"ids) of the split file in use (lists there: {sorted(names)}); pass a folder of "
+                                  "images without masks, or a split file (--splits) with a list of that name")
         cases = set(names[cfg.unlabelled])
         samples = [s for s in discover(data) if s.case in cases]
     if not samples:

@@ -9,8 +9,9 @@ image) pairs; the generator's loss is LSGAN + ``l1_weight`` x L1 (inside the era
 of the ``train`` split only.
 
 Synthesis paints a real training mask (of a slice at the same level, flipped, rotated and shifted
-to lie inside the foreground; fallback: a random blob) into a lesion-free training slice and writes
-the pair in the ``images/`` + ``masks/`` layout, with ``manifest.json`` and ``generator.pt``.
+to lie inside the foreground; fallback: a random blob; chosen by :mod:`medanomaly.train.gan_masks`)
+into a lesion-free training slice and writes the pair in the ``images/`` + ``masks/`` layout, with
+``manifest.json`` and ``generator.pt``.
 
 Shapes: images (N, C, S, S) float in [0, 1]; masks and erased regions (N, 1, S, S) in {0, 1}.
 """
@@ -23,7 +24,6 @@ import logging
 import math
 import shutil
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,50 +34,17 @@ from PIL import Image as PILImage
 from torch import nn
 from tqdm import tqdm
 
+from medanomaly.config.sections import GanConfig  # with every other default, in config
 from medanomaly.core.atomic import atomic_path, atomic_torch_save, atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.runtime import autocast, choose_precision, set_seed
 from medanomaly.core.version import __version__
-from medanomaly.data.foreground import foreground_mask
 from medanomaly.data.slices import discover, load_slices, resolve_splits
-from medanomaly.data.synthetic import random_shape
 from medanomaly.models.unet import UNet, UNetConfig
+from medanomaly.train.gan_masks import choose_mask, pick_targets, ranks
 
 log = logging.getLogger(__name__)
 KIND = "medanomaly-synthesize"  # manifest.json "kind": marks a folder this module may overwrite
-
-
-@dataclass(frozen=True)
-class GanConfig:
-    """Everything that defines a GAN run; sizes in pixels at ``size``."""
-
-    size: int = 128  # images are loaded, generated and written at size x size
-    minutes: float = 20.0  # training time budget (<= 0: no time limit, max_steps only)
-    max_steps: int = 100_000
-    batch_size: int = 8
-    lr: float = 2e-4  # Adam, both networks; constant, then linear decay over the second half
-    betas: tuple[float, float] = (0.5, 0.999)
-    l1_weight: float = 100.0
-    l1_outside: float = 0.1  # L1 weight outside the erased region, relative to inside
-    width: int = 16  # generator U-Net: channels of the first level
-    depth: int = 4  # generator U-Net: down-sampling steps
-    d_width: int = 32  # discriminator: channels of the first layer
-    d_layers: int = 3  # discriminator: stride-2 layers (3: 70x70 patches)
-    margin: int = 3  # the erased region is the mask dilated by this many pixels
-    seed: int = 0
-    precision: str = "auto"  # bf16 autocast where the CPU/GPU supports it (runtime.choose_precision)
-    normalization: str = "auto"
-
-    def __post_init__(self) -> None:
-        least = {"size": 16, "batch_size": 1, "max_steps": 1, "width": 1, "depth": 1, "d_width": 1, "d_layers": 1,
-                 "margin": 0}
-        bad = [f"{k} is {getattr(self, k)} but must be >= {v}" for k, v in least.items() if getattr(self, k) < v]
-        if bad or self.precision not in ("auto", "bf16", "fp32"):
-            raise MedanomalyError("GAN settings: " + ("; ".join(bad) or f"unknown precision {self.precision!r}; "
-                                                      "valid: auto, bf16, fp32"))
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -155,6 +122,45 @@ def load_train_split(data: Path, size: int, normalization: str, splits_file, see
     return load_slices(part, size, normalization, with_masks=True, progress=progress), {s.image: s.mask for s in part}
 
 
+def _batch(images: torch.Tensor, masks: torch.Tensor, batch_size: int, gen: torch.Generator,
+           dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch (images (B, C, S, S), masks (B, 1, S, S)) on ``dev``, half of it flipped left-right."""
+    c = images.shape[1]
+    pick = torch.randint(len(images), (batch_size,), generator=gen)
+    flip = torch.rand(batch_size, generator=gen) < 0.5  # left-right: anatomy is near-symmetric
+    xm = torch.cat([images[pick].float(), masks[pick].float()], 1)
+    xm = torch.where(flip[:, None, None, None], xm.flip(-1), xm).to(dev)
+    return xm[:, :c], xm[:, c:]
+
+
+def _step(g_net: UNet, d_net: PatchDiscriminator, opts: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+          x: torch.Tensor, m: torch.Tensor, cfg: GanConfig, precision: str) -> tuple[float, float, float]:
+    """One discriminator step, then one generator step, on images ``x`` with masks ``m``; returns
+    the losses (discriminator, adversarial, L1)."""
+    opt_g, opt_d = opts
+    cond, erased = condition(x, m, cfg.margin)
+    cond = cond.contiguous(memory_format=torch.channels_last)
+    with autocast(x.device, precision):
+        raw = torch.sigmoid(g_net(cond).float())
+        fake = erased * raw + (1 - erased) * x
+        d_real = d_net(torch.cat([cond, x], 1))
+        d_fake = d_net(torch.cat([cond, fake.detach()], 1))
+    loss_d = 0.5 * (_weighted_ls(d_real, 1.0, erased) + _weighted_ls(d_fake, 0.0, erased))
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    with autocast(x.device, precision):
+        d_gen = d_net(torch.cat([cond, fake], 1))
+    loss_adv = _weighted_ls(d_gen, 1.0, erased)
+    err = (raw - x).abs().mean(1, keepdim=True)
+    loss_l1 = (err * erased).sum() / erased.sum().clamp(min=1.0) \
+        + cfg.l1_outside * (err * (1 - erased)).sum() / (1 - erased).sum().clamp(min=1.0)
+    opt_g.zero_grad(set_to_none=True)
+    (loss_adv + cfg.l1_weight * loss_l1).backward()
+    opt_g.step()
+    return loss_d.item(), loss_adv.item(), loss_l1.item()
+
+
 def fit(slices, cfg: GanConfig, device: str | torch.device = "cpu", progress: bool = True) -> tuple[UNet, GanStats]:
     """Train a generator on the slices with lesion of a SliceSet (images (N, C, S, S), masks)."""
     dev = torch.device(device)
@@ -167,7 +173,7 @@ def fit(slices, cfg: GanConfig, device: str | torch.device = "cpu", progress: bo
     gen = torch.Generator().manual_seed(cfg.seed)
     g_net = build_generator(cfg, c).to(dev).to(memory_format=torch.channels_last)
     d_net = PatchDiscriminator(2 * c + 2, cfg.d_width, cfg.d_layers).to(dev).to(memory_format=torch.channels_last)
-    opt_g, opt_d = (torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=cfg.betas) for net in (g_net, d_net))
+    opts = tuple(torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=cfg.betas) for net in (g_net, d_net))
     precision = choose_precision(cfg.precision, dev)
     budget = cfg.minutes * 60 if cfg.minutes > 0 else math.inf
     log.info("GAN: %d training slices with lesion, %dx%d, batch %d, precision %s, budget %.1f min or %d steps",
@@ -177,41 +183,16 @@ def fit(slices, cfg: GanConfig, device: str | torch.device = "cpu", progress: bo
     bar = tqdm(total=cfg.max_steps, desc="GAN", unit="step", disable=not progress, leave=False)
     while step < cfg.max_steps and time.perf_counter() - t0 < budget:
         frac = max(step / cfg.max_steps, (time.perf_counter() - t0) / budget)
-        for group in opt_g.param_groups + opt_d.param_groups:
+        for group in opts[0].param_groups + opts[1].param_groups:  # constant, then linear decay to 0
             group["lr"] = cfg.lr * min(1.0, 2.0 * (1.0 - frac))
-        pick = torch.randint(len(images), (cfg.batch_size,), generator=gen)
-        flip = torch.rand(cfg.batch_size, generator=gen) < 0.5  # left-right: anatomy is near-symmetric
-        xm = torch.cat([images[pick].float(), masks[pick].float()], 1)
-        xm = torch.where(flip[:, None, None, None], xm.flip(-1), xm).to(dev)
-        x, m = xm[:, :c], xm[:, c:]
-        cond, erased = condition(x, m, cfg.margin)
-        cond = cond.contiguous(memory_format=torch.channels_last)
-        with autocast(dev, precision):
-            raw = torch.sigmoid(g_net(cond).float())
-            fake = erased * raw + (1 - erased) * x
-            d_real = d_net(torch.cat([cond, x], 1))
-            d_fake = d_net(torch.cat([cond, fake.detach()], 1))
-        loss_d = 0.5 * (_weighted_ls(d_real, 1.0, erased) + _weighted_ls(d_fake, 0.0, erased))
-        opt_d.zero_grad(set_to_none=True)
-        loss_d.backward()
-        opt_d.step()
-        with autocast(dev, precision):
-            d_gen = d_net(torch.cat([cond, fake], 1))
-        loss_adv = _weighted_ls(d_gen, 1.0, erased)
-        err = (raw - x).abs().mean(1, keepdim=True)
-        loss_l1 = (err * erased).sum() / erased.sum().clamp(min=1.0) \
-            + cfg.l1_outside * (err * (1 - erased)).sum() / (1 - erased).sum().clamp(min=1.0)
-        opt_g.zero_grad(set_to_none=True)
-        (loss_adv + cfg.l1_weight * loss_l1).backward()
-        opt_g.step()
+        x, m = _batch(images, masks, cfg.batch_size, gen, dev)
+        hist.append(_step(g_net, d_net, opts, x, m, cfg, precision))
         step += 1
-        hist.append((loss_d.item(), loss_adv.item(), loss_l1.item()))
         bar.update(1)
         bar.set_postfix(d=f"{hist[-1][0]:.3f}", adv=f"{hist[-1][1]:.3f}", l1=f"{hist[-1][2]:.4f}")
     bar.close()
     seconds = time.perf_counter() - t0
-    last = np.mean(hist[-100:], axis=0)
-    stats = GanStats(step, seconds, len(images), *map(float, last), step / max(seconds, 1e-9))
+    stats = GanStats(step, seconds, len(images), *map(float, np.mean(hist[-100:], axis=0)), step / max(seconds, 1e-9))
     log.info("GAN: %d steps in %.1f min (%.2f steps/s); last 100 steps: D %.3f, adversarial %.3f, L1 %.4f",
              step, seconds / 60, stats.steps_per_s, stats.loss_d, stats.loss_adv, stats.loss_l1)
     return g_net.eval().to(memory_format=torch.contiguous_format), stats
@@ -223,87 +204,6 @@ def train_gan(data: str | Path, cfg: GanConfig = GanConfig(), splits_file: str |
     (``--splits`` file, else DATA/splits.json, else a seeded split by case); returns it in eval mode."""
     slices, _ = load_train_split(Path(data), cfg.size, cfg.normalization, splits_file, cfg.seed, progress)
     return fit(slices, cfg, device, progress)
-
-
-def place_mask(mask: torch.Tensor, fg: torch.Tensor, gen: torch.Generator,
-               tries: int = 40) -> tuple[torch.Tensor, dict] | None:
-    """Flip, rotate and shift ``mask`` (H, W) bool so that it lies inside ``fg`` (H, W) bool.
-
-    The lesion stays near where it was (left-right flips mirror it to the other side): its centre
-    moves by up to 5% of the side in the first half of the tries, up to 15% in the second. Returns
-    (placed mask (H, W) bool, the transform) or None.
-    """
-    h, w = mask.shape
-    ys, xs = torch.nonzero(mask, as_tuple=True)
-    if len(ys) == 0 or not fg.any():
-        return None
-    # centre in normalised coordinates (x, y) in [-1, 1] (align_corners=False: a flip maps x to -x)
-    centre = torch.stack([(2 * xs.float().mean() + 1) / w - 1, (2 * ys.float().mean() + 1) / h - 1])
-    for t in range(tries):
-        u = torch.rand(5, generator=gen)
-        flip, angle = bool(u[0] < 0.5), float((u[1] * 2 - 1) * 20)
-        c = centre * torch.tensor([-1.0, 1.0]) if flip else centre
-        target = c + (u[2:4] * 2 - 1) * (0.1 if t < tries // 2 else 0.3)
-        rot = torch.tensor([[math.cos(a := math.radians(angle)), -math.sin(a)], [math.sin(a), math.cos(a)]])
-        theta = torch.cat([rot, (c - rot @ target)[:, None]], 1)[None]  # output point -> input point
-        grid = F.affine_grid(theta, [1, 1, h, w], align_corners=False)
-        src = mask.float()[None, None].flip(-1) if flip else mask.float()[None, None]
-        placed = F.grid_sample(src, grid, mode="bilinear", align_corners=False)[0, 0] > 0.5
-        if placed.any() and not (placed & ~fg).any() and placed.sum() >= 0.5 * len(ys):
-            shift = [float(target[1] - c[1]) * h / 2, float(target[0] - c[0]) * w / 2]
-            return placed, {"flip_lr": flip, "rotate_deg": round(angle, 2), "shift_yx": [round(v, 1) for v in shift]}
-    return None
-
-
-def random_blob(fg: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """(H, W) bool: a :func:`~medanomaly.data.synthetic.random_shape` centred on a random pixel of ``fg``, cut to it."""
-    (h, w), where = fg.shape, torch.nonzero(fg)
-    cy, cx = where[torch.randint(len(where), (1,), generator=gen)][0].tolist()
-    blob = torch.roll(random_shape((h, w), gen), shifts=(cy - h // 2, cx - w // 2), dims=(0, 1)) & fg
-    blob[cy, cx] = True  # never empty
-    return blob
-
-
-def _pairs(slices, n: int, gen: torch.Generator, erode: int) -> list[tuple[int, list[int], torch.Tensor]]:
-    """n (lesion-free target slice, 3 slices with lesion whose masks may go there, best first,
-    the target's foreground (Otsu, eroded by ``erode`` px, (H, W) bool)).
-
-    Levels follow the slice's position in its case (0..1; 0.5 for single 2D images): targets are
-    drawn among lesion-free slices at the levels where real lesions occur (5th..95th percentile),
-    with a foreground of at least 5% of the image where possible. Mask slices are, of the 32 slices
-    with lesion nearest in level, those whose foreground overlaps the target's best (Dice): the same
-    anatomy and head position, so a lesion kept near its place lands in the same tissue.
-    """
-    cache: dict[int, torch.Tensor] = {}
-
-    def fg_of(i: int) -> torch.Tensor:
-        if i not in cache:
-            cache[i] = torch.from_numpy(foreground_mask(slices.images[i].float().mean(0).numpy(), erode=erode))
-        return cache[i]
-
-    has = slices.masks.flatten(1).amax(1) > 0
-    free, lesioned = torch.nonzero(~slices.lesion & ~has).flatten(), torch.nonzero(has).flatten()
-    if len(free) == 0:
-        raise MedanomalyError("the train split has no lesion-free slice to paint lesions into; synthesize needs "
-                              "slices whose mask is empty")
-    cases, total = slices.cases, Counter(slices.cases)
-    pos = torch.tensor([r / (total[c] - 1) if total[c] > 1 else 0.5 for r, c in zip(_ranks(cases), cases)])
-    lo, hi = torch.quantile(pos[lesioned], torch.tensor([0.05, 0.95])).tolist()
-    level = free[(pos[free] >= lo - 1e-6) & (pos[free] <= hi + 1e-6)]
-    free = level if len(level) else free
-    out = []
-    for _ in range(n):
-        picks = free[torch.randint(len(free), (30,), generator=gen)].tolist()
-        i = next((i for i in picks if fg_of(i).float().mean() >= 0.05), max(picks, key=lambda i: int(fg_of(i).sum())))
-        if not fg_of(i).any():
-            raise MedanomalyError("the lesion-free training slices drawn have no foreground (blank images); "
-                                  "synthesize needs normal anatomy to paint lesions into")
-        near = (pos[lesioned] - pos[i]).abs() + 0.05 * torch.rand(len(lesioned), generator=gen)
-        cands = lesioned[near.argsort()[:32]].tolist()
-        dice = [2 * int((fg_of(i) & fg_of(j)).sum()) / max(1, int(fg_of(i).sum() + fg_of(j).sum()))
-                for j in cands]
-        out.append((i, [cands[k] for k in np.argsort(dice)[::-1][:3]], fg_of(i)))
-    return out
 
 
 def _check_out(out: Path, data: Path, overwrite: bool) -> bool:
@@ -337,6 +237,37 @@ def _write_png(array: np.ndarray, path: Path) -> None:
         PILImage.fromarray(np.ascontiguousarray(img)).save(tmp, format="PNG")
 
 
+def _inpaint(g_net: UNet, image: torch.Tensor, mask: torch.Tensor, margin: int, dev: torch.device,
+             precision: str) -> np.ndarray:
+    """``image`` (C, H, W) in [0, 1] with a lesion generated in ``mask`` (H, W) -> (C, H, W) uint8."""
+    x, m = image[None].float().to(dev), mask[None, None].float().to(dev)
+    with torch.no_grad():
+        composed, erased = generate(g_net, x, m, margin, autocast(dev, precision))
+    mixed = torch.where(erased[0].cpu() > 0.5, composed[0].cpu(), image.float())  # else: the source
+    return np.rint(mixed.numpy() * 255).clip(0, 255).astype(np.uint8)
+
+
+def _write_pairs(g_net: UNet, slices, mask_of: dict, pairs: list, gen: torch.Generator, cfg: GanConfig,
+                 dev: torch.device, precision: str, out: Path, progress: bool) -> list[dict]:
+    """Paint and write one synthetic pair per (target slice, mask slices, foreground) of ``pairs``
+    (:func:`~medanomaly.train.gan_masks.pick_targets`); returns their manifest entries."""
+    files, slice_index = [], ranks(slices.sources)
+    for k, (i, sources, fg) in enumerate(tqdm(pairs, desc="synthesizing", unit="img", disable=not progress), 1):
+        mask, j, transform = choose_mask(slices, sources, fg, gen)
+        if j is not None:
+            entry = {"mask_origin": "real", "source_mask": str(Path(mask_of[slices.sources[j]]).resolve()),
+                     "source_mask_slice": slice_index[j], "transform": transform}
+        else:
+            entry = {"mask_origin": "random_shape", "source_mask": None}
+        name = f"synthetic_{k:05d}.png"
+        _write_png(_inpaint(g_net, slices.images[i], mask, cfg.margin, dev, precision), out / "images" / name)
+        _write_png(mask.numpy().astype(np.uint8)[None] * 255, out / "masks" / name)
+        files.append({"image": f"images/{name}", "mask": f"masks/{name}", "synthetic": True,
+                      "source_image": str(slices.sources[i].resolve()), "source_slice": slice_index[i], **entry,
+                      "lesion_pixels": int(mask.sum())})
+    return files
+
+
 def synthesize(data: str | Path, out: str | Path, n: int, cfg: GanConfig = GanConfig(),
                splits_file: str | Path | None = None, device: str | torch.device = "cpu", progress: bool = True,
                overwrite: bool = False) -> Path:
@@ -360,29 +291,9 @@ def synthesize(data: str | Path, out: str | Path, n: int, cfg: GanConfig = GanCo
     out.mkdir(parents=True, exist_ok=True)
     atomic_torch_save(g_net.state_dict(), out / "generator.pt")
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    pairs = _pairs(slices, n, gen, erode=cfg.margin + max(2, cfg.size // 32))
-    files, precision, slice_index = [], choose_precision(cfg.precision, dev), _ranks(slices.sources)
-    for k, (i, sources, fg) in enumerate(tqdm(pairs, desc="synthesizing", unit="img", disable=not progress), 1):
-        for j in sources:  # the best-matching mask that fits
-            if (placed := place_mask(slices.masks[j, 0] > 0, fg, gen)) is not None:
-                break
-        if placed is not None:
-            mask, transform = placed
-            entry = {"mask_origin": "real", "source_mask": str(Path(mask_of[slices.sources[j]]).resolve()),
-                     "source_mask_slice": slice_index[j], "transform": transform}
-        else:  # no room for that lesion here: a smooth random blob at a foreground pixel
-            mask, entry = random_blob(fg, gen), {"mask_origin": "random_shape", "source_mask": None}
-        x, m = slices.images[i:i + 1].float().to(dev), mask[None, None].float().to(dev)
-        with torch.no_grad():
-            composed, erased = generate(g_net, x, m, cfg.margin, autocast(dev, precision))
-        mixed = torch.where(erased[0].cpu() > 0.5, composed[0].cpu(), slices.images[i].float())  # else: the source
-        img8 = np.rint(mixed.numpy() * 255).clip(0, 255).astype(np.uint8)
-        name = f"synthetic_{k:05d}.png"
-        _write_png(img8, out / "images" / name)
-        _write_png(mask.numpy().astype(np.uint8)[None] * 255, out / "masks" / name)
-        files.append({"image": f"images/{name}", "mask": f"masks/{name}", "synthetic": True,
-                      "source_image": str(slices.sources[i].resolve()), "source_slice": slice_index[i], **entry,
-                      "lesion_pixels": int(mask.sum())})
+    pairs = pick_targets(slices, n, gen, erode=cfg.margin + max(2, cfg.size // 32))
+    precision = choose_precision(cfg.precision, dev)
+    files = _write_pairs(g_net, slices, mask_of, pairs, gen, cfg, dev, precision, out, progress)
     manifest = {"kind": KIND, "version": __version__, "synthetic": True, "data": str(data.resolve()),
                 "splits_file": str(splits_file) if splits_file else None, "n": n, "config": cfg.to_dict(),
                 "training": {**asdict(stats), "device": str(dev), "precision": precision},
@@ -390,9 +301,3 @@ def synthesize(data: str | Path, out: str | Path, n: int, cfg: GanConfig = GanCo
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     log.info("wrote %d synthetic pairs to %s", n, out)
     return out
-
-
-def _ranks(keys: list) -> list[int]:
-    """Each item's count of equal items before it: a slice's index within its file or its case."""
-    seen: Counter = Counter()
-    return [seen.update([k]) or seen[k] - 1 for k in keys]

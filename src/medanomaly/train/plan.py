@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from medanomaly.config.options import TASKS
 from medanomaly.config.schema import TrainConfig
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
@@ -37,7 +38,9 @@ FP32_FACTOR = 8.4 / 30.3  # the same table: fp32 trains 3.6x slower
 REF_GPU_IMG_S = 2000.0  # assumed for one recent GPU at 128x128, width 32 (not measured here)
 MIN_SAMPLES = 40_000  # images seen by the measured LGG default run (18 epochs x ~2 250 slices in 25 min)
 BYTES_PER_FEATURE = 8.0  # peak training memory per conv-output value: measured 3.3 (bf16), 6.2 (fp32)
-CPU_BATCH, GPU_BATCH, MIN_BN_BATCH, MIN_SIZE = 16, 64, 8, 64
+# the measured CPU defaults are the config's; a GPU with >= 16 GiB affords a wider network and larger batches
+CPU_WIDTH, GPU_WIDTH, CPU_BATCH, GPU_BATCH = TrainConfig().model.width, 64, TrainConfig.batch_size, 64
+MIN_BN_BATCH, MIN_SIZE = 8, 64
 
 
 @dataclass(frozen=True)
@@ -228,31 +231,45 @@ def _choose_dim(fp: DataFingerprint) -> tuple[int, str]:
     return 3, "isotropic enough for 3D (spacing ratio < 3)"
 
 
-def make_plan(fp: DataFingerprint, mach: MachineInfo, max_minutes: float = 25.0, task: str = "supervised") -> Plan:
-    """The plan for ``task`` on this data and machine within ``max_minutes`` of training."""
-    if task not in ("supervised", "anomaly") or (task == "supervised" and not fp.has_masks):
+def _task_reason(fp: DataFingerprint, task: str) -> str:
+    if task not in TASKS or (task == "supervised" and not fp.has_masks):
         raise MedanomalyError(f"cannot plan task {task!r} for {fp.data}: the tasks are supervised (needs image/mask "
                               "pairs) and anomaly (images alone); choose one with --task")
-    why, notes = {"max_minutes": "training time budget"}, []
-    why["task"] = "learn lesions from masks" if task == "supervised" else "learn normal anatomy (no masks needed)"
-    dim, why["dim"] = _choose_dim(fp)
+    return "learn lesions from masks" if task == "supervised" else "learn normal anatomy (no masks needed)"
+
+
+def _dim_notes(fp: DataFingerprint, dim: int) -> list[str]:
     if dim == 3:
-        notes.append("3D recommended: `train --dim 3` trains a 3D U-Net on patches (these settings are for 2D slices)")
-    elif fp.is_3d and fp.median_spacing and int(np.argmax(fp.median_spacing)) != 0:
-        notes.append("the coarse axis is not array axis 0, along which slices are cut: reorient the volumes")
-    lesion = fp.lesion_slice_fraction or 0.0
-    n_train = fp.n_train_labelled if task == "supervised" else round(fp.n_train_slices - lesion * fp.n_train_labelled)
-    budget_s = (max_minutes if max_minutes > 0 else 25.0) * 60  # no budget (<= 0): sized as for 25 minutes
-    width = 64 if mach.gpu and (mach.gpu_memory_gib or 0) >= 16 else 32
-    why["model.width"] = "GPU: a wider network is affordable" if width == 64 else "measured CPU default"
+        return ["3D recommended: `train --dim 3` trains a 3D U-Net on patches (these settings are for 2D slices)"]
+    if fp.is_3d and fp.median_spacing and int(np.argmax(fp.median_spacing)) != 0:
+        return ["the coarse axis is not array axis 0, along which slices are cut: reorient the volumes"]
+    return []
+
+
+@dataclass(frozen=True)
+class _Fit:
+    """The input size and depth chosen by :func:`_fit_size`, what fits in memory at it, and why."""
+
+    size: int
+    depth: int
+    fits: int  # images per batch that fit the free memory
+    per_image: float  # training bytes per image
+    data_bytes: float  # the training and validation slices held in RAM at this size
+    why_size: str
+    why_depth: str
+
+
+def _fit_size(fp: DataFingerprint, mach: MachineInfo, width: int, n_train: int, budget_s: float) -> _Fit:
+    """The median in-plane size rounded to 16 px, capped so that MIN_SAMPLES images train in the budget,
+    then shrunk by 16 px until two images (with the data and the weights) fit the memory."""
     side = math.sqrt(fp.median_shape[-1] * fp.median_shape[-2])
     cap = 16 * int(math.sqrt(images_per_second(mach, 128, width) * 128**2 * budget_s / MIN_SAMPLES) // 16)
-    size = plan_size = min(max(16, int(side / 16 + 0.5) * 16), max(cap, MIN_SIZE))
-    why["size"] = (f"median in-plane sqrt(H x W) {side:.0f} px rounded to 16, at most {max(cap, MIN_SIZE)}: "
-                   f"{MIN_SAMPLES} training images must fit the budget (>= {MIN_SIZE})")
+    plan_size = min(max(16, int(side / 16 + 0.5) * 16), max(cap, MIN_SIZE))
+    why = (f"median in-plane sqrt(H x W) {side:.0f} px rounded to 16, at most {max(cap, MIN_SIZE)}: "
+           f"{MIN_SAMPLES} training images must fit the budget (>= {MIN_SIZE})")
     params = count_parameters(UNet(UNetConfig(in_channels=fp.channels, width=width, depth=4))) * 16  # + grads, Adam
     ram = mach.memory_gib * 2**30 * 0.5
-    for size in range(size, 15, -16):  # nnU-Net shrinks the patch until two fit; here the whole input
+    for size in range(plan_size, 15, -16):  # nnU-Net shrinks the patch until two fit; here the whole input
         depth = max(1, min(5, int(math.log2(size / 8))))
         per_image = feature_values(size, width, depth) * BYTES_PER_FEATURE
         data_bytes = (n_train + fp.n_val_slices) * size**2 * (2 * fp.channels + 1)  # fp16 images, uint8 masks, in RAM
@@ -260,32 +277,61 @@ def make_plan(fp: DataFingerprint, mach: MachineInfo, max_minutes: float = 25.0,
         fits = int((free - params) // per_image)
         if fits >= 2:
             break
-    why["size"] += "" if size == plan_size else f"; reduced to {size} to fit memory"
     if fits < 1:
         raise MedanomalyError(f"not enough memory for one {size}x{size} image: {free / 2**30:.1f} GiB usable; "
                               "free memory, or train on fewer images (--splits)")
-    why["model.depth"] = f"down-sample until the feature map is ~8 px ({size} -> {size // 2**depth}), at most 5"
-    batch = max(1, min(fits, GPU_BATCH if mach.gpu else CPU_BATCH, max(round(0.05 * n_train), MIN_BN_BATCH), n_train))
-    why["batch_size"] = (f"min of memory (fits {fits} x {per_image / 2**20:.0f} MiB), device cap "
-                         f"({GPU_BATCH if mach.gpu else CPU_BATCH}), 5% of {n_train} train slices (>= {MIN_BN_BATCH})")
+    return _Fit(size, depth, fits, per_image, data_bytes,
+                why + ("" if size == plan_size else f"; reduced to {size} to fit memory"),
+                f"down-sample until the feature map is ~8 px ({size} -> {size // 2**depth}), at most 5")
+
+
+def _normalization(fp: DataFingerprint) -> tuple[str, str]:
+    return (("auto", "8-bit images: /255, one scale for all slices (measured default)") if fp.eight_bit else
+            ("ct", "CT-like (p0.5 < -500 HU): window -1000..1000 HU") if fp.intensity["p0.5"] < -500 else
+            ("percentile", "per image: 0.5..99.5 percentiles to 0..1"))
+
+
+def _epochs(fp: DataFingerprint, ips: float, n_train: int, budget_s: float,
+            max_minutes: float) -> tuple[int, float, str]:
+    """(epochs, epochs that fit the budget, why): 1.5x the estimate, as the time budget ends the run."""
+    epoch_s = max(n_train, 1) / ips + fp.n_val_slices / (4 * ips)  # validation: inference is ~4x faster than training
+    est = budget_s / epoch_s
+    why = f"~{est:.1f} fit {max_minutes:g} min at ~{ips:.0f} img/s; 1.5x headroom (the time budget ends the run " \
+          "and anneals the LR)"
+    return int(min(1000, max(1, math.ceil(1.5 * est)))), est, why
+
+
+def make_plan(fp: DataFingerprint, mach: MachineInfo, max_minutes: float = TrainConfig.max_minutes,
+              task: str = TrainConfig.task) -> Plan:
+    """The plan for ``task`` on this data and machine within ``max_minutes`` of training (<= 0: no
+    budget; sized as for the default budget)."""
+    why = {"max_minutes": "training time budget", "task": _task_reason(fp, task)}
+    dim, why["dim"] = _choose_dim(fp)
+    notes = _dim_notes(fp, dim)
+    lesion = fp.lesion_slice_fraction or 0.0
+    n_train = fp.n_train_labelled if task == "supervised" else round(fp.n_train_slices - lesion * fp.n_train_labelled)
+    budget_s = (max_minutes if max_minutes > 0 else TrainConfig.max_minutes) * 60
+    wide = bool(mach.gpu) and (mach.gpu_memory_gib or 0) >= 16
+    width = GPU_WIDTH if wide else CPU_WIDTH
+    why["model.width"] = "GPU: a wider network is affordable" if wide else "measured CPU default"
+    fit = _fit_size(fp, mach, width, n_train, budget_s)
+    why["size"], why["model.depth"] = fit.why_size, fit.why_depth
+    cap = GPU_BATCH if mach.gpu else CPU_BATCH
+    batch = max(1, min(fit.fits, cap, max(round(0.05 * n_train), MIN_BN_BATCH), n_train))
+    why["batch_size"] = (f"min of memory (fits {fit.fits} x {fit.per_image / 2**20:.0f} MiB), device cap ({cap}), "
+                         f"5% of {n_train} train slices (>= {MIN_BN_BATCH})")
     norm = "batch" if batch >= MIN_BN_BATCH else "instance"
     why["model.norm"] = "batch norm needs >= 8 images per batch" if norm == "batch" else "small batch: as nnU-Net"
-    if ram < data_bytes:
-        notes.append(f"the training slices need {data_bytes / 2**30:.1f} GiB of RAM at {size} px: use fewer cases")
-    normalization, why["normalization"] = (
-        ("auto", "8-bit images: /255, one scale for all slices (measured default)") if fp.eight_bit else
-        ("ct", "CT-like (p0.5 < -500 HU): window -1000..1000 HU") if fp.intensity["p0.5"] < -500 else
-        ("percentile", "per image: 0.5..99.5 percentiles to 0..1"))
+    if mach.memory_gib * 2**30 * 0.5 < fit.data_bytes:
+        notes.append(f"the training slices need {fit.data_bytes / 2**30:.1f} GiB of RAM at {fit.size} px: "
+                     "use fewer cases")
+    normalization, why["normalization"] = _normalization(fp)
     pos = None if task == "anomaly" else (0.5 if lesion < 0.5 else 0.0)
     why["positive_fraction"] = f"lesion in {lesion:.0%} of slices: " + (
         "half of each batch from lesion slices" if pos else "uniform sampling suffices")
-    ips = images_per_second(mach, size, width)
-    epoch_s = max(n_train, 1) / ips + fp.n_val_slices / (4 * ips)  # validation: inference is ~4x faster than training
-    est = budget_s / epoch_s
-    epochs = int(min(1000, max(1, math.ceil(1.5 * est))))
-    why["epochs"] = (f"~{est:.1f} fit {max_minutes:g} min at ~{ips:.0f} img/s; 1.5x headroom "
-                     "(the time budget ends the run and anneals the LR)")
-    return Plan(task, float(max_minutes), dim, size, int(batch), width, depth, norm, normalization, pos, epochs,
+    ips = images_per_second(mach, fit.size, width)
+    epochs, est, why["epochs"] = _epochs(fp, ips, n_train, budget_s, max_minutes)
+    return Plan(task, float(max_minutes), dim, fit.size, int(batch), width, fit.depth, norm, normalization, pos, epochs,
                 round(ips, 2), round(est, 2), why, tuple(notes), fp, mach)
 
 
@@ -338,7 +384,6 @@ def for_run(data: Path, splits_file: Path | None, plan_file: Path | None, config
             return None, flags
     merged = {k: v for k, v in plan.to_config_overrides().items() if k not in fixed}
     if fixed.get("model.dim") == 3:  # the plan's size, batch, epochs and network are for 2D slices
-
         merged = {k: v for k, v in (merged | plan_overrides_3d(bool(plan.machine.gpu))).items() if k not in fixed
                   and (k in ("task", "normalization", "max_minutes") or k.startswith("model."))}
     minutes = fixed.get("max_minutes", plan.max_minutes)

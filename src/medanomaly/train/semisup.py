@@ -1,4 +1,5 @@
-"""Semi-supervised training with unlabelled images: mean teacher.
+"""Semi-supervised training with unlabelled images: the mean teacher, and the configuration,
+data and finished marker of the denoising pretraining stage (run by :func:`medanomaly.train.run.train`).
 
 The teacher is an exponential moving average of the student's weights (Tarvainen & Valpola, "Mean
 teachers are better role models", NeurIPS 2017; for segmentation: Perone & Cohen-Adad, "Deep
@@ -6,18 +7,24 @@ semi-supervised segmentation with weight-averaged consistency targets", DLMIA 20
 images the student, given a noisy copy of the input, must predict what the teacher predicts on the
 clean input (squared difference of probabilities); the weight of this consistency term ramps up as
 ``exp(-5 (1 - t)^2)`` over the first ``rampup_steps`` steps.
+
+The pretraining stage trains a denoising model in ``MODEL/pretrain`` (no calibration: it is only
+the ``--init`` of the supervised run) and marks it finished with ``MODEL/pretrain/finished.json``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, ContextManager
 
 import torch
 
 from medanomaly.config.options import DEFAULT_UNLABELLED_METHOD, UNLABELLED_METHODS
+from medanomaly.config.schema import TrainConfig, pretrain_budget
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.distributed import barrier, is_main
 from medanomaly.core.errors import MedanomalyError
@@ -58,8 +65,6 @@ class MeanTeacher:
         return self.ramp(step) * ((pred - target) ** 2).mean()
 
 
-
-
 def resolve_method(method: str) -> str:
     """``auto`` -> :data:`DEFAULT_UNLABELLED_METHOD`; unknown names are an error listing the valid ones."""
     if method not in UNLABELLED_METHODS:
@@ -67,33 +72,43 @@ def resolve_method(method: str) -> str:
     return DEFAULT_UNLABELLED_METHOD if method == "auto" else method
 
 
-def pretrain_unlabelled(cfg, data: Path, out: Path, splits: dict[str, list[str]], device: str,
-                        progress: bool) -> Path:
-    """Self-supervised pretraining (the coarse-noise denoising of ``medanomaly pretrain``, masks
-    ignored) on the labelled training images plus the unlabelled ones, for ``cfg.pretrain_share`` of
-    the time budget, same architecture; writes ``out/pretrain`` (a model directory) and returns it.
+PRETRAIN_DIR = "pretrain"  # the pretraining stage's own model directory, inside the run's
+PRETRAIN_DONE = "finished.json"  # written there once that stage has trained to its end
 
-    ``cfg.unlabelled`` is a folder (pretrained on alone, split by case with the run's seed) or the
-    name of a list of case ids in ``splits`` (pretrained on train + that list, validated on val).
-    """
-    import json
-    from dataclasses import replace
 
-    from medanomaly.train.loop import train
-
-    target = out / "pretrain"
-    if (target / "model.json").exists():  # a resumed run that had finished its pretraining
-        return target
+def pretrain_config(cfg: TrainConfig) -> TrainConfig:
+    """The self-supervised stage of ``--unlabelled`` with a pretrain method: the coarse-noise
+    denoising of ``medanomaly pretrain`` (masks ignored), same architecture, for
+    ``cfg.pretrain_share`` of the time budget and of the epochs."""
     anomaly = replace(cfg.anomaly, method="denoise", normal_only=False, select_map_on_val=False)
-    pre = replace(cfg, task="anomaly", anomaly=anomaly, unlabelled=None, extra=None, init=None, synthetic_lesions=0.0,
-                  max_minutes=cfg.max_minutes * cfg.pretrain_share, epochs=max(1, round(cfg.epochs * cfg.pretrain_share)))
-    source, splits_file = Path(cfg.unlabelled), None
-    if not source.exists():  # a list of the split file: pretrain on train + that list
-        source, splits_file = data, out / "pretrain-splits.json"
+    minutes, _, epochs = pretrain_budget(cfg)
+    return replace(cfg, task="anomaly", anomaly=anomaly, unlabelled=None, extra=None, init=None,
+                   synthetic_lesions=0.0, max_minutes=minutes, epochs=epochs)
 
-        if is_main():  # under torchrun, rank 0 writes it and the others wait for it
-            atomic_write_text(splits_file, json.dumps({"train": splits["train"] + splits[cfg.unlabelled],
-                                                       "val": splits["val"], "test": splits.get("test", [])}))
-        barrier()
-    train(source, target, pre, splits_file, device=device, progress=progress)
-    return target
+
+def pretrain_data(cfg: TrainConfig, data: Path, out: Path, splits: dict[str, list[str]]) -> tuple[Path, Path | None]:
+    """(data folder, split file) of the pretraining stage. ``cfg.unlabelled`` is a folder
+    (pretrained on alone, split by case with the run's seed) or the name of a list of case ids in
+    ``splits``: then train + that list, validated on val, written to ``out/pretrain-splits.json``."""
+    source = Path(cfg.unlabelled)
+    if source.exists():
+        return source, None
+    splits_file = out / "pretrain-splits.json"
+    if is_main():  # under torchrun, rank 0 writes it and the others wait for it
+        atomic_write_text(splits_file, json.dumps({"train": splits["train"] + splits[cfg.unlabelled],
+                                                   "val": splits["val"], "test": splits.get("test", [])}))
+    barrier()
+    return data, splits_file
+
+
+def pretrain_finished(target: Path) -> bool:
+    """The pretraining stage in ``target`` trained to its end (a resumed run skips it). A model.json
+    there is the marker of runs made before the stage wrote its own."""
+    return (target / PRETRAIN_DONE).is_file() or (target / "model.json").is_file()
+
+
+def mark_pretrain_finished(target: Path, summary: dict) -> None:
+    """Write the finished marker (rank 0; every process waits, then reads the weights from ``target``)."""
+    if is_main():
+        atomic_write_text(target / PRETRAIN_DONE, json.dumps(summary, indent=1))
+    barrier()

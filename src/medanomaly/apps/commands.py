@@ -1,0 +1,176 @@
+"""What each ``medanomaly`` command does with its parsed arguments: a thin layer over the Python
+API (:mod:`medanomaly.apps.api`) and the stage packages that turns flags into their calls and
+their results into the lines the command prints. :data:`COMMANDS` maps a command name to its
+function; each returns the exit code (user errors are raised as MedanomalyError for the caller)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from medanomaly.apps.api import train
+from medanomaly.apps.console import say
+from medanomaly.apps.demo import run_demo
+from medanomaly.apps.parser import TRAIN_KEYS
+from medanomaly.config import schema as config
+from medanomaly.config.schema import TrainConfig
+from medanomaly.config.sections import GanConfig
+from medanomaly.core import distributed
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.runtime import resolve_device
+from medanomaly.data.slices import discover
+from medanomaly.evaluate.score import evaluate_model, evaluate_predictions
+from medanomaly.infer.export import export_onnx, sidecar_path
+from medanomaly.infer.run import predict_paths
+from medanomaly.train import plan as planning
+from medanomaly.train.gan import synthesize
+
+log = logging.getLogger("medanomaly")
+
+#: what ``evaluate`` prints of its summary.json
+SUMMARY_KEYS = ("n_cases", "dice_per_case_mean", "dice", "iou", "sensitivity", "precision", "auroc", "auprc",
+                "lesion_f1")
+
+
+def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``train`` flags as overrides for :func:`medanomaly.config.schema.load`, keyed as
+    :data:`TRAIN_KEYS` says; None where a flag is not given (the value then comes from elsewhere)."""
+    given = {key: getattr(args, dest) for dest, key in TRAIN_KEYS.items()}
+    for key, as_type in (("init", str), ("unlabelled", str), ("extra", str), ("patch", tuple), ("spacing", tuple)):
+        given[key] = as_type(given[key]) if given[key] else None  # JSON-friendly in config.json
+    return given
+
+
+def _resume_config(args: argparse.Namespace) -> None:
+    """``--resume`` without --config continues with the run's own config.json; another --task is refused."""
+    if args.resume and (args.out / "config.json").is_file() and args.config is None:
+        args.config = args.out / "config.json"
+        saved = json.loads(args.config.read_text()).get("task", TrainConfig.task)
+        if args.task and args.task != saved:
+            raise MedanomalyError(f"{args.out} holds a '{saved}' run; it cannot be resumed as '{args.task}': "
+                                  "drop --task, or train the other task into a new --out")
+
+
+def _global_batch(cfg: TrainConfig, args: argparse.Namespace, world: int) -> TrainConfig:
+    """``cfg`` with a planned or default batch rounded up to a multiple of the ``world`` processes
+    (--batch-size is the global batch, split evenly among them; a given one must divide)."""
+    if cfg.batch_size % world and args.batch_size is None and not args.resume:
+        cfg = config.with_changes(cfg, batch_size=-(-cfg.batch_size // world) * world)
+        log.info("global batch rounded up to %d, a multiple of the %d processes", cfg.batch_size, world)
+    distributed.check_batch(cfg.batch_size)
+    return cfg
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    info = distributed.init_from_env(args.device)  # under torchrun: join the other processes (data parallel)
+    overrides = train_overrides(args)
+    _resume_config(args)
+    plan = None
+    if not (args.resume or args.no_plan):  # defaults < plan < --config < flags; a resumed run keeps its config
+        plan, overrides = distributed.broadcast_object(  # rank 0 plans; all processes train the same plan
+            planning.for_run(args.data, args.splits, args.plan, args.config, overrides, args.device)
+            if distributed.is_main() else None)
+    cfg = _global_batch(config.load(args.config, overrides), args, info.world_size)
+    res = train(args.data, args.out, cfg, args.splits, resume=args.resume, device=info.device, progress=not args.quiet)
+    if not distributed.is_main():
+        return 0
+    if plan is not None:
+        planning.save_plan(plan, res.out_dir / "plan.json")
+    say(f"model written to {res.out_dir} (best epoch {res.best_epoch}, val score {res.best_val_score:.4f}, "
+        f"{res.seconds / 60:.1f} min)")
+    return 0
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    task = args.task or ("supervised" if any(s.mask is not None for s in discover(args.data)) else "anomaly")
+    fp = planning.fingerprint(args.data, args.splits, labelled_only=task == "supervised")  # what the task trains on
+    plan = planning.make_plan(fp, planning.machine(args.device), args.max_minutes, task)
+    out = planning.save_plan(plan, args.out / "plan.json" if args.out.is_dir() else args.out)
+    say(plan.table())
+    say(f"plan written to {out}; use it with 'medanomaly train {args.data} --plan {out} --out MODEL_DIR'")
+    return 0
+
+
+def cmd_pretrain(args: argparse.Namespace) -> int:
+    cfg = config.load(None, {"task": "anomaly", "anomaly.method": "denoise", "anomaly.normal_only": False,
+                             "size": args.size, "epochs": args.epochs, "max_minutes": args.max_minutes,
+                             "batch_size": args.batch_size, "model.width": args.width, "model.depth": args.depth,
+                             "model.encoder": args.encoder, "seed": args.seed})
+    res = train(args.data, args.out, cfg, args.splits, device=str(resolve_device(args.device)), progress=not args.quiet)
+    say(f"pretrained model written to {res.out_dir} ({res.seconds / 60:.1f} min); use it with "
+        f"'medanomaly train DATA --init {res.out_dir}'")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    # under torchrun each process predicts a share of the files (gloo: only the results are exchanged)
+    info = distributed.init_from_env("cpu" if args.runtime == "onnx" and args.device == "auto" else args.device,
+                                     backend="gloo")
+    res = predict_paths(args.model, args.inputs, args.out, info.device, args.overwrite, progress=not args.quiet,
+                        runtime=args.runtime, dicom_seg=args.dicom_seg)
+    if not distributed.is_main():  # rank 0 reports (and its exit code says whether a file failed)
+        return 0
+    say(f"{res['n_ok']} images predicted into {res['out']}")
+    for f in res["failed"]:
+        say(f"failed: {f['input']}: {f['error']}", err=True)
+    return 1 if res["failed"] else 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    path = export_onnx(args.model, args.out, args.opset)
+    say(f"ONNX model written to {path}; its pre- and post-processing are described in {sidecar_path(path)}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    split = None if args.split == "all" else args.split
+    if args.model is not None:  # a model is scored on its test split unless told otherwise
+        summary = evaluate_model(args.model, args.data, args.out, split="test" if args.split is None else split or None,
+                                 splits_file=args.splits, device=str(resolve_device(args.device)),
+                                 progress=not args.quiet)
+    else:
+        summary = evaluate_predictions(args.pred, args.data, args.out, split=split, splits_file=args.splits,
+                                       progress=not args.quiet)
+    say(json.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=1))
+    say(f"report: {args.out / 'report.html'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    summary = run_demo(args.out, data=args.data, max_minutes=args.max_minutes, seed=args.seed,
+                       device=str(resolve_device(args.device)), progress=not args.quiet)
+    say(f"demo finished: mean per-case Dice {summary['dice_per_case_mean']:.3f}; "
+        f"report: {args.out / 'eval' / 'report.html'}")
+    return 0
+
+
+def cmd_synthesize(args: argparse.Namespace) -> int:
+    given = {"size": args.size, "minutes": args.max_minutes, "max_steps": args.max_steps,
+             "batch_size": args.batch_size, "width": args.width, "seed": args.seed}
+    cfg = GanConfig(**{k: v for k, v in given.items() if v is not None})
+    out = synthesize(args.data, args.out, args.n, cfg, args.splits, device=str(resolve_device(args.device)),
+                     progress=not args.quiet, overwrite=args.overwrite)
+    say(f"{args.n} synthetic pairs written to {out} (manifest: {out / 'manifest.json'}); use them with "
+        f"'medanomaly train DATA --extra {out} --size {cfg.size}'")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:  # imported when asked for: the viewer's web stack is an optional dependency the other commands do without
+        from medanomaly.apps.serve import run
+    except ImportError as exc:
+        raise MedanomalyError(f"the web viewer needs fastapi, uvicorn and python-multipart ({exc}); install them "
+                              "with 'pip install -r requirements.lock' or 'pip install fastapi uvicorn "
+                              "python-multipart'") from exc
+    run(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+        device=str(resolve_device(args.device)), quiet=args.quiet, say=say)
+    return 0
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "train": cmd_train, "pretrain": cmd_pretrain, "predict": cmd_predict, "evaluate": cmd_evaluate, "demo": cmd_demo,
+    "export": cmd_export, "serve": cmd_serve, "synthesize": cmd_synthesize, "plan": cmd_plan,
+}

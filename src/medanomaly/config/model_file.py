@@ -1,0 +1,248 @@
+"""``model.json``, the model file: one frozen schema for everything ``predict`` rebuilds a model from.
+
+Schema version 2 (this module writes it) holds, besides the ``format`` tag, its ``schema_version``
+and the ``medanomaly_version`` that wrote it:
+
+- ``config``: the final, complete :class:`~medanomaly.config.schema.TrainConfig`: the one trained,
+  with the network's real channels and the anomaly-map settings chosen on val written into it;
+- the sections ``predict`` runs, derived from ``config`` by :func:`build_model_file`: ``task``,
+  ``model`` (the network, :class:`UNetConfig`), ``input`` (:class:`InputSpec`), ``precision``,
+  ``anomaly`` (anomaly task only, :class:`AnomalyConfig`) and ``postprocess`` (chosen on val,
+  :class:`PostprocessParams`). A hand edit of a section is what ``predict`` follows;
+- the records ``training`` (best epoch and its validation score) and ``calibration`` (how the
+  threshold and post-processing were chosen on val).
+
+Version 1 (releases up to b9f2d7b: no ``schema_version``, no ``config``) is upgraded in memory
+by :func:`read_model_file`: the configuration comes from the directory's ``config.json`` (the
+training defaults without a readable one) with the sections of ``model.json`` written into it. Sizes are
+pixels per side (2D), voxels (3D ``patch``, Z Y X) and millimetres (``spacing``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from medanomaly.config import schema
+from medanomaly.config.options import NORMALIZATIONS, PRECISIONS, TASKS
+from medanomaly.config.schema import TrainConfig
+from medanomaly.config.sections import AnomalyConfig, PostprocessParams, UNetConfig
+from medanomaly.core.atomic import atomic_write_text
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.version import __version__
+
+log = logging.getLogger(__name__)
+FORMAT = "medanomaly-model"
+SCHEMA_VERSION = 2
+FILE_NAME = "model.json"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the network is fed: ``channels`` of the image, ``normalization`` (a key of
+    NORMALIZATIONS); 2D: slices resized to ``size`` x ``size`` pixels; 3D (``dim`` 3): patches of
+    ``patch`` voxels (Z, Y, X) of the volume resampled to ``spacing`` mm. ``tta``: averaged with the
+    left-right flipped prediction (supervised only)."""
+
+    channels: int
+    size: int
+    normalization: str
+    dim: int = 2
+    tta: bool = False
+    patch: tuple[int, ...] | None = None
+    spacing: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"input.normalization {self.normalization!r} is not one of {', '.join(NORMALIZATIONS)}")
+        if self.dim not in (2, 3):
+            raise ValueError(f"input.dim is {self.dim!r}; 2 or 3")
+        if self.dim == 3 and not self.patch:
+            raise ValueError("input.patch is missing; a 3D model needs its sliding-window patch")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form; ``patch`` and ``spacing`` only for a 3D model (as the version 1 files)."""
+        d: dict[str, Any] = {"channels": self.channels, "size": self.size, "normalization": self.normalization,
+                             "dim": self.dim, "tta": self.tta}
+        if self.dim == 3:
+            d.update(patch=list(self.patch or ()), spacing=self.spacing and list(self.spacing))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> InputSpec:
+        """From :meth:`to_dict`'s form; TypeError on unknown keys."""
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class TrainingSummary:
+    """The training run behind the weights: its best epoch (-1: nothing trained, the 'intensity'
+    baseline) and that epoch's validation score, ``val_score`` saying what the score measures."""
+
+    best_epoch: int = -1
+    best_val_score: float = float("nan")
+    val_score: str = ""
+
+
+@dataclass(frozen=True)
+class ModelFile:
+    """The content of ``model.json`` (see the module docstring); nothing that identifies a patient."""
+
+    task: str
+    input: InputSpec
+    model: UNetConfig  # the network, with its in_channels and out_channels
+    postprocess: PostprocessParams
+    config: TrainConfig
+    anomaly: AnomalyConfig | None = None  # anomaly task: the map settings (chosen on val)
+    precision: str = "auto"
+    training: TrainingSummary = field(default_factory=TrainingSummary)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    medanomaly_version: str = __version__
+    schema_version: int = SCHEMA_VERSION
+    format: str = FORMAT
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        if (self.anomaly is None) != (self.task == "supervised"):
+            raise ValueError(f"a {self.task} model has {'no' if self.task == 'supervised' else 'an'} anomaly section")
+
+    @property
+    def has_network(self) -> bool:
+        """False for the 'intensity' anomaly method (its score is the normalised intensity itself)."""
+        return self.anomaly is None or self.anomaly.method != "intensity"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON object of model.json, keys in the order of the version 1 files (then ``config``)."""
+        d: dict[str, Any] = {"format": self.format, "schema_version": self.schema_version,
+                             "medanomaly_version": self.medanomaly_version, "task": self.task,
+                             "model": self.model.to_dict(), "input": self.input.to_dict(),
+                             "precision": self.precision, "postprocess": self.postprocess.to_dict(),
+                             "training": asdict(self.training), "calibration": dict(self.calibration)}
+        if self.anomaly is not None:
+            d["anomaly"] = self.anomaly.to_dict()
+        d["config"] = self.config.to_dict()
+        return d
+
+
+def network_out_channels(task: str, method: str, in_channels: int) -> int:
+    """Channels the network returns: 1 logit map (supervised, anomaly method 'synthetic') or a
+    reconstruction of the ``in_channels`` input channels (the other anomaly methods)."""
+    return 1 if task == "supervised" or method == "synthetic" else in_channels
+
+
+def build_model_file(cfg: TrainConfig, in_channels: int, post: PostprocessParams, training: TrainingSummary,
+                     calibration: dict[str, Any]) -> ModelFile:
+    """The model file of a run trained with ``cfg`` (its ``anomaly`` section holding the map settings
+    chosen on val) on ``in_channels``-channel images, with the post-processing ``post`` chosen on val."""
+    net = replace(cfg.model, in_channels=in_channels,
+                  out_channels=network_out_channels(cfg.task, cfg.anomaly.method, in_channels))
+    dim3 = cfg.model.dim == 3  # 3D: sliding-window patch (voxels), training spacing (mm)
+    spec = InputSpec(in_channels, cfg.size, cfg.normalization, cfg.model.dim, cfg.tta and cfg.task == "supervised",
+                     cfg.patch if dim3 else None, cfg.spacing if dim3 else None)
+    return ModelFile(cfg.task, spec, net, post, replace(cfg, model=net),
+                     cfg.anomaly if cfg.task == "anomaly" else None, cfg.precision, training, dict(calibration))
+
+
+def write_model_file(model_file: ModelFile, model_dir: str | Path) -> Path:
+    """Write ``model_dir/model.json`` atomically; return its path."""
+    path = Path(model_dir) / FILE_NAME
+    atomic_write_text(path, json.dumps(model_file.to_dict(), indent=2))
+    return path
+
+
+def read_model_file(model_dir: str | Path) -> ModelFile:
+    """``model_dir/model.json``, checked (version 1 upgraded in memory): a clear
+    :class:`MedanomalyError` naming the file for anything that is not a sound model file."""
+    model_dir = Path(model_dir)
+    data = _read_json(model_dir)
+    version = data.get("schema_version", 1)  # version 1 files have no such key
+    if version not in (1, SCHEMA_VERSION):
+        raise MedanomalyError(f"{model_dir / FILE_NAME} has schema_version {version!r}; this medanomaly "
+                              f"({__version__}) reads versions 1 and {SCHEMA_VERSION}: upgrade medanomaly")
+    base = _v1_base_config(model_dir) if version == 1 else None
+    try:  # a damaged or hand-edited model.json: one clear error, not a KeyError or TypeError
+        return _check(from_dict(upgrade_v1(data, base) if base is not None else data))
+    except (KeyError, TypeError, ValueError, AttributeError, MedanomalyError) as exc:
+        what = f"missing entry {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise MedanomalyError(f"{model_dir / FILE_NAME} is damaged or was edited ({what}); restore it "
+                              "from the training run or retrain") from exc
+
+
+def _read_json(model_dir: Path) -> dict[str, Any]:
+    path = model_dir / FILE_NAME
+    if not path.is_file():
+        raise MedanomalyError(f"{model_dir} is not a medanomaly model directory (no model.json); "
+                              "pass the --out folder of 'medanomaly train'")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:
+        raise MedanomalyError(f"{path} is not valid JSON ({exc}); the model directory is damaged: retrain") from exc
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise MedanomalyError(f"{path} is not a medanomaly model file (format {found!r}, expected "
+                              f"'{FORMAT}'); pass the --out folder of 'medanomaly train'")
+    return data
+
+
+def from_dict(data: dict[str, Any]) -> ModelFile:
+    """A ModelFile from the JSON object of a version 2 file; KeyError, TypeError or ValueError
+    (MedanomalyError from the config sections) for a missing, unknown or invalid entry."""
+    task = data["task"]
+    if task not in TASKS:
+        raise ValueError(f"task {task!r} is not 'supervised' or 'anomaly'")
+    return ModelFile(
+        task=task, input=InputSpec.from_dict(data["input"]), model=UNetConfig(**data["model"]),
+        postprocess=PostprocessParams.from_dict(data["postprocess"]), config=schema.from_dict(data["config"]),
+        anomaly=AnomalyConfig(**data["anomaly"]) if task == "anomaly" else None, precision=data["precision"],
+        training=TrainingSummary(**data["training"]), calibration=dict(data["calibration"]),
+        medanomaly_version=data["medanomaly_version"], schema_version=data["schema_version"], format=data["format"])
+
+
+def _check(mf: ModelFile) -> ModelFile:
+    """The file must agree with itself: the input channels are those of the network and its output
+    channels those of the task (an edited or mixed-up file would otherwise fail later, image by
+    image, with a misleading message). The 'intensity' method has no network to check."""
+    if not mf.has_network:
+        return mf
+    if mf.input.channels != mf.model.in_channels:
+        raise ValueError(f"input.channels is {mf.input.channels} but model.in_channels is {mf.model.in_channels}")
+    expected = network_out_channels(mf.task, mf.anomaly.method if mf.anomaly else "", mf.model.in_channels)
+    if mf.model.out_channels != expected:
+        raise ValueError(f"model.out_channels is {mf.model.out_channels}; a {mf.task} model has {expected}")
+    return mf
+
+
+def _v1_base_config(model_dir: Path) -> TrainConfig:
+    """The configuration a version 1 model was trained with: its ``config.json``, or the defaults
+    where it is absent or unreadable (a warning): ``predict`` of version 1 never read it, so a
+    model that predicted then predicts now, from the sections of its model.json."""
+    path = model_dir / "config.json"
+    if not path.is_file():
+        return TrainConfig()
+    try:
+        return schema.load(path)
+    except MedanomalyError as exc:
+        log.warning("%s: %s; the model file's configuration record uses the defaults there", path, exc)
+        return TrainConfig()
+
+
+def upgrade_v1(data: dict[str, Any], base: TrainConfig) -> dict[str, Any]:
+    """A version 1 model.json as version 2: the entries older files may lack get the values the
+    version 1 reader assumed, and ``config`` is ``base`` with the sections written into it."""
+    task, inp = data.get("task", "supervised"), {"dim": 2, "tta": False, **data["input"]}
+    facts: dict[str, Any] = {"task": task, "size": inp["size"], "normalization": inp["normalization"],
+                             "precision": data.get("precision", "auto"), "model": data["model"]}
+    if task == "anomaly":
+        facts["anomaly"] = data["anomaly"]
+    if task == "supervised":  # version 1 wrote input.tta = config tta for supervised models only
+        facts["tta"] = inp["tta"]
+    if inp["dim"] == 3:
+        facts.update(patch=inp.get("patch"), spacing=inp.get("spacing"))
+    config = schema.from_dict({**base.to_dict(), **facts})
+    return {"training": {}, "calibration": {}, **data, "task": task, "input": inp, "precision": facts["precision"],
+            "config": config.to_dict(), "schema_version": SCHEMA_VERSION}

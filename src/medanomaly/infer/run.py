@@ -1,0 +1,98 @@
+"""``predict``: a model directory applied to every image below some inputs, one file (or, for a 3D
+model, one stacked folder of slices) at a time, so memory stays bounded; a bad file is reported
+and skipped. Outputs are those of :func:`medanomaly.infer.write.write_prediction`, plus
+``regions.json`` at the output root.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from tqdm import tqdm
+
+from medanomaly.core import distributed as distributed
+from medanomaly.core.atomic import atomic_write_text
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.version import __version__
+from medanomaly.data.volumes import SLICE_SUFFIXES, VolumeCase, read_volume
+from medanomaly.infer.predictor import Predictor
+from medanomaly.infer.volume import slice_predictions
+from medanomaly.infer.write import check_output_dir, iter_inputs, output_stem, write_prediction
+from medanomaly.io import IMAGE_SUFFIXES, read_image
+
+log = logging.getLogger(__name__)
+
+
+def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Path, device: str = "cpu",
+                  overwrite: bool = False, progress: bool = True, runtime: str = "torch",
+                  dicom_seg: bool = True) -> dict:
+    """Predict every image below ``inputs`` into ``out``; keep going past bad files.
+
+    In a process group (``torchrun``), process r of W predicts inputs r, r + W, ... of the sorted
+    list and rank 0 writes regions.json for all of them: the same files as one process writes.
+    Returns {"n_ok": int, "failed": [{"input": str, "error": str}], "out": str}.
+    """
+    out = Path(out)
+    for given in map(Path, inputs):  # a missing input is reported as such, before anything else
+        if not given.exists():
+            raise MedanomalyError(f"input {given} does not exist")
+    check_output_dir(out, inputs)
+    if (out / "regions.json").exists() and not overwrite:
+        raise MedanomalyError(f"{out} already holds predictions; pass --overwrite or choose another --out")
+    items = list(iter_inputs(inputs))
+    if not items:
+        raise MedanomalyError(f"no images found in {', '.join(map(str, inputs))} (masks and earlier outputs are "
+                              f"skipped); supported files: {', '.join(IMAGE_SUFFIXES)} or DICOM series folders")
+    predictor = Predictor(model_dir, device, runtime=runtime)
+    records, failed = [], []
+    if predictor.dim == 3:  # 3D model: a folder of 2D slices is one stacked volume (rank 0 predicts all)
+        recs, fails = predict_items_3d(predictor, items if distributed.is_main() else [], out, dicom_seg, progress)
+        records, failed, items = list(enumerate(recs)), list(enumerate(fails)), []
+    rank, world = distributed.rank(), distributed.world_size()  # under torchrun: every world-th file here
+    for k, (root, path) in enumerate(tqdm(items[rank::world], desc="predict", unit="img", disable=not progress)):
+        stem, index = output_stem(out, root, path), k * world + rank
+        try:
+            rec = write_prediction(predictor.predict(read_image(path)), stem, dicom_seg)
+        except MedanomalyError as exc:
+            log.info("skipped %s (reported at the end)", path.name)
+            failed.append((index, {"input": str(path), "error": str(exc)}))
+            continue
+        records.append((index, {"case": str(stem.relative_to(out)), **rec}))
+    shards = distributed.gather_objects((records, failed))  # back in input order, as one process writes them
+    records = [r for _, r in sorted((x for recs, _ in shards for x in recs), key=lambda t: t[0])]
+    failed = [f for _, f in sorted((x for _, fails in shards for x in fails), key=lambda t: t[0])]
+    meta = {"medanomaly_version": __version__, "model": str(model_dir), "runtime": runtime,
+            "threshold": predictor.post.threshold}
+    if distributed.is_main():
+        atomic_write_text(out / "regions.json", json.dumps({**meta, "images": records, "failed": failed}, indent=1))
+    return {"n_ok": len(records), "failed": failed, "out": str(out)}
+
+
+def predict_items_3d(predictor: Predictor, items: list[tuple[Path, Path]], out: Path, dicom_seg: bool,
+                     progress: bool) -> tuple[list[dict], list[dict]]:
+    """predict's loop for a 3D model: the 2D slice files of one folder are stacked and predicted
+    as one volume, then written slice by slice; other inputs one by one. (records, failed)."""
+    groups: dict[tuple, list[tuple[Path, Path]]] = {}
+    for root, path in items:
+        stack = path.is_file() and path.suffix.lower() in SLICE_SUFFIXES
+        groups.setdefault((root, path.parent) if stack else (root, path), []).append((root, path))
+    records, failed = [], []
+    for group in tqdm(list(groups.values()), desc="predict", unit="vol", disable=not progress):
+        root = group[0][0]
+        try:
+            vc = VolumeCase("", tuple(p for _, p in group), (None,) * len(group))
+            image, slices = read_volume(vc)
+            pred = predictor.predict(image)
+            parts = [pred] if slices is None else slice_predictions(pred, slices)
+            written = []
+            for p, path in zip(parts, vc.images):
+                stem = output_stem(out, root, path)
+                written.append({"case": str(stem.relative_to(out)), **write_prediction(p, stem, dicom_seg)})
+        except MedanomalyError as exc:
+            log.info("skipped %s (reported at the end)", group[0][1].parent if len(group) > 1 else group[0][1].name)
+            failed += [{"input": str(p), "error": str(exc)} for _, p in group]
+            continue
+        records += written
+    return records, failed

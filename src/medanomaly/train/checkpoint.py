@@ -1,0 +1,119 @@
+"""Checkpoint and resume of a training run: the files of a model directory that the loop keeps.
+
+``checkpoint.pt`` holds the last finished epoch (weights, optimizer, the batch generator's state,
+the :class:`RunState` numbers and, with a mean teacher, the teacher's weights) so ``--resume``
+continues exactly where the run stopped; ``metrics.csv`` has one row per epoch
+(:data:`METRIC_FIELDS`). Every write is atomic (:mod:`medanomaly.core.atomic`): a killed run
+leaves the previous complete file, or a ``.tmp-*`` file that the next run deletes.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from medanomaly.core import distributed
+from medanomaly.core.atomic import atomic_torch_save, atomic_write_text
+from medanomaly.core.errors import MedanomalyError
+
+log = logging.getLogger(__name__)
+# images_per_s: slices per second in 2D, patches per second in 3D
+METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds", "images_per_s"]
+
+
+@dataclass
+class RunState:
+    """Progress of a run, saved in checkpoint.pt after every epoch (plain numbers: weights_only-safe)."""
+
+    epoch: int = -1  # last finished epoch
+    step: int = 0
+    best: float = -math.inf  # best validation score (Dice, or minus the anomaly val loss)
+    best_epoch: int = -1
+    elapsed: float = 0.0  # training seconds so far, across resumes
+    bad_epochs: int = 0
+
+
+def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+               state: RunState, extra: dict | None = None) -> None:
+    """Write checkpoint.pt: weights, optimizer, generator state, ``state``'s fields and ``extra``
+    (the batch source's own state, e.g. ``{"teacher": state dict}``)."""
+    extra = extra or {}
+    atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(), "rng": gen.get_state(),
+                       **asdict(state), **extra}, path)
+
+
+def load_state(path: Path) -> dict:
+    """The checkpoint at ``path``, read without running code (``weights_only``)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a truncated or foreign file: refuse, never unpickle code
+        raise MedanomalyError(f"cannot resume from {path}: {exc}; delete it to start afresh") from exc
+
+
+def resume_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+                 metrics_csv: Path) -> RunState:
+    """Load the checkpoint into ``model``, ``opt`` and ``gen``; drop the metrics.csv rows it does not cover."""
+    st = load_state(path)
+    model.load_state_dict(st["model"])
+    opt.load_state_dict(st["optimizer"])
+    gen.set_state(st["rng"])
+    state = RunState(**{k: st[k] for k in asdict(RunState())})
+    if metrics_csv.exists() and distributed.is_main():  # drop rows of an epoch that finished after the checkpoint
+        lines = metrics_csv.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines[1:] if _complete_row(ln) and int(ln.split(",")[0]) <= state.epoch]
+        if lines and lines[0].rstrip("\r\n") == ",".join(METRIC_FIELDS):
+            atomic_write_text(metrics_csv, "".join([lines[0], *kept]))
+        else:  # cut off while its header was being written: append_metrics starts it again
+            metrics_csv.unlink()
+    log.info("resuming after epoch %d (best val score %.4f at epoch %d)", state.epoch, state.best, state.best_epoch)
+    return state
+
+
+def fresh_state(metrics_csv: Path) -> RunState:
+    """A new run's state; a fresh start in the folder of an interrupted run drops its metrics.csv
+    (those rows are not this run's history)."""
+    if distributed.is_main():
+        metrics_csv.unlink(missing_ok=True)
+    return RunState()
+
+
+def append_metrics(path: Path, row: dict) -> None:
+    """Append one epoch's row (floats to 6 significant digits); the header comes with the first row."""
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=METRIC_FIELDS)
+        if new:
+            writer.writeheader()
+        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def _complete_row(line: str) -> bool:
+    """A metrics.csv row written in full (a kill during the append can leave a cut-off last line)."""
+    fields = line.rstrip("\r\n").split(",")
+    return line.endswith("\n") and len(fields) == len(METRIC_FIELDS) and fields[0].isdigit()
+
+
+def check_out_dir(out: Path, resume: bool) -> Path:
+    """The checkpoint path of ``out``; refuses --resume without a checkpoint and a fresh run over a model."""
+    ckpt_path = out / "checkpoint.pt"
+    if resume and not ckpt_path.exists():
+        raise MedanomalyError(f"--resume: no checkpoint.pt in {out}; run without --resume to start")
+    if not resume and (out / "model.json").exists():
+        raise MedanomalyError(f"{out} already holds a trained model; pass --resume to continue or choose a new --out")
+    return ckpt_path
+
+
+def remove_stale_temp_files(out: Path) -> None:
+    """Delete the ``.tmp-*`` files that a killed run left in ``out`` (an atomic write interrupted
+    before its ``os.replace``: never a complete output, see :mod:`medanomaly.core.atomic`)."""
+    if not out.is_dir():
+        return
+    for tmp in out.glob(".tmp-*"):
+        if tmp.is_file() and not tmp.is_symlink():
+            log.info("removing %s, left by an interrupted write", tmp.name)
+            tmp.unlink(missing_ok=True)

@@ -1,0 +1,167 @@
+"""A training run, start to end: check the model directory, prepare the data, pretrain on unlabelled
+images where asked, build the network and optimizer (``--init`` weights, resume), pick the batch
+source and hand all of it to the one loop (:func:`medanomaly.train.loop.fit`).
+
+A model directory holds ``model.pt`` (best weights, a plain state dict), ``config.json``,
+``splits.json``, ``metrics.csv`` and ``checkpoint.pt`` (the last epoch, for ``--resume``). The
+threshold and post-processing chosen on the validation split, and ``model.json``, come after
+training, from :mod:`medanomaly.calibrate` (composed in :func:`medanomaly.apps.api.train`): this
+package trains only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from medanomaly.anomaly.methods import output_channels
+from medanomaly.config import schema as config_mod
+from medanomaly.config.schema import TrainConfig, pretrain_budget
+from medanomaly.core import distributed
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.runtime import choose_precision, set_seed
+from medanomaly.data.volumes import check_3d_config
+from medanomaly.models.build import build_model
+from medanomaly.models.init import load_matching, read_state_dict
+from medanomaly.models.losses import get_loss
+from medanomaly.train.checkpoint import check_out_dir, fresh_state, remove_stale_temp_files, resume_state
+from medanomaly.train.fewlabels import build_extras, unlabelled_samples
+from medanomaly.train.loop import fit
+from medanomaly.train.prepare import Prepared, prepare
+from medanomaly.train.semisup import (
+    PRETRAIN_DIR,
+    mark_pretrain_finished,
+    pretrain_config,
+    pretrain_data,
+    pretrain_finished,
+    resolve_method,
+)
+from medanomaly.train.sources import BatchSource, PatchSource, SliceSource, precision_3d
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a run did, and what calibrating its model directory needs (``cfg``, ``in_channels``)."""
+
+    out_dir: Path
+    best_epoch: int
+    best_val_score: float  # mean per-case val Dice (supervised) or minus the val anomaly loss
+    epochs_run: int
+    seconds: float
+    cfg: TrainConfig  # as the run resolved it (3D: patch and spacing; --unlabelled: its --init), for calibration
+    in_channels: int
+
+
+def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str | Path | None = None,
+          resume: bool = False, device: str = "cpu", progress: bool = True) -> TrainResult:
+    """Train a U-Net (2D on slices, or 3D on patches of volumes: ``cfg.model.dim``) on the image/mask
+    pairs (or normal images, anomaly task) in ``data``; write the model directory ``out``. The
+    best epoch by the validation score is kept; the anomaly baseline ``intensity`` trains nothing.
+
+    In a process group (``torchrun``, see :mod:`medanomaly.core.distributed`) the run is data parallel:
+    the batch size is the global batch, each process computes its share of every batch, rank 0
+    validates and writes every file; every process returns the same result.
+    """
+    data, out, dev = Path(data), Path(out), torch.device(device)
+    if cfg.model.dim == 3:
+        check_3d_config(cfg)
+        distributed.check_batch(cfg.patch_batch)  # under torchrun: the global batch of patches
+    ckpt_path = check_out_dir(out, resume)
+    if distributed.is_main():
+        remove_stale_temp_files(out)
+    if cfg.init and not resume:
+        read_state_dict(cfg.init)  # a bad --init fails before minutes of data loading
+    prep = prepare(data, out, cfg, splits_file, dev, progress)
+    cfg, in_ch = prep.cfg, prep.in_channels
+    if cfg.task == "supervised" and cfg.unlabelled and not resume:
+        unlabelled_samples(cfg, data, prep.train, prep.splits)  # a bad source fails before any pretraining
+        cfg = pretrain_first(cfg, data, out, prep.splits, device, progress)
+    if cfg.task == "anomaly" and cfg.anomaly.method == "intensity":  # a baseline: nothing to train
+        return TrainResult(out, -1, math.nan, 0, 0.0, cfg, in_ch)
+    if cfg.model.dim == 3 and cfg.model.norm == "batch" and cfg.patch_batch < 8:
+        log.warning("batch norm with %d patches per step is noisy; --norm instance is the 3D choice (nnU-Net)",
+                    cfg.patch_batch)
+    set_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    model = new_model(cfg, in_ch, dev, init=cfg.init if not resume else None)
+    opt = make_optimizer(model, cfg)
+    loss_fn = get_loss(cfg.loss, cfg.bce_weight)
+    precision = precision_3d(model, cfg, dev, in_ch) if cfg.model.dim == 3 else choose_precision(cfg.precision, dev)
+    metrics_csv = out / "metrics.csv"
+    state = resume_state(ckpt_path, model, opt, gen, metrics_csv) if resume else fresh_state(metrics_csv)
+    source = batch_source(prep, cfg, data, model, dev, precision, loss_fn, ckpt_path if resume else None, progress)
+    state = fit(model, opt, source, cfg, out, gen, state, dev, precision, progress)
+    return TrainResult(out, state.best_epoch, state.best, state.epoch + 1, state.elapsed, cfg, in_ch)
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam, AdamW or (nnU-Net's) SGD with Nesterov momentum 0.99, over every parameter (frozen ones too:
+    --freeze-encoder-epochs unfreezes them later); the loop sets the learning rate of each step."""
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.99, nesterov=True, weight_decay=cfg.weight_decay)
+
+
+def new_model(cfg: TrainConfig, in_ch: int, dev: torch.device, init: str | None = None) -> torch.nn.Module:
+    """The network of ``cfg`` for ``in_ch``-channel images (anomaly: the method's output channels,
+    supervised: one logit), on ``dev``, channels-last in 2D where configured, ``init`` weights loaded."""
+    out_ch = output_channels(cfg.anomaly.method, in_ch) if cfg.task == "anomaly" else 1  # reconstruction or logits
+    model = build_model(replace(cfg.model, in_channels=in_ch, out_channels=out_ch)).to(dev)
+    if cfg.channels_last and cfg.model.dim == 2:  # channels-last is a 4D layout
+        model = model.to(memory_format=torch.channels_last)
+    if init:
+        _check_init_channels(init, in_ch)
+        load_matching(model, init)
+    return model
+
+
+def batch_source(prep: Prepared, cfg: TrainConfig, data: Path, model: torch.nn.Module, dev: torch.device,
+                 precision: str, loss_fn, resume_from: Path | None, progress: bool) -> BatchSource:
+    """Patches of volumes in 3D; slices in 2D, with the few-label extras (synthetic lesions, mean teacher)."""
+    if cfg.model.dim == 3:
+        return PatchSource(prep.train, prep.val, cfg, dev, precision, loss_fn)
+    extras = build_extras(cfg, data, prep.train, model, resume_from, progress, prep.splits)
+    return SliceSource(prep.train, prep.val, cfg, dev, precision, loss_fn, extras)
+
+
+def pretrain_first(cfg: TrainConfig, data: Path, out: Path, splits: dict, device: str, progress: bool) -> TrainConfig:
+    """--unlabelled with a pretrain method (the default): denoising pretraining on labelled +
+    unlabelled images in ``out/pretrain`` for a share of the budget (skipped when a resumed run
+    had finished it), then supervised training from those weights in the rest. The changed
+    configuration is saved, so --resume continues the supervised part."""
+    method = resolve_method(cfg.unlabelled_method)
+    if "pretrain" not in method or cfg.init:
+        return cfg
+    log.info("--unlabelled (%s): self-supervised pretraining on labelled + unlabelled images first, %.1f min",
+             method, pretrain_budget(cfg)[0])
+    target = out / PRETRAIN_DIR
+    if not pretrain_finished(target):
+        source, splits_file = pretrain_data(cfg, data, out, splits)
+        res = train(source, target, pretrain_config(cfg), splits_file, device=device, progress=progress)
+        mark_pretrain_finished(target, {"best_epoch": res.best_epoch, "best_val_score": res.best_val_score,
+                                        "epochs_run": res.epochs_run, "seconds": res.seconds})
+    cfg = replace(cfg, init=str(target), max_minutes=pretrain_budget(cfg)[1])
+    if distributed.is_main():  # under torchrun, rank 0 alone writes files
+        config_mod.save(cfg, out / "config.json")
+    return cfg
+
+
+def _check_init_channels(init: str, in_channels: int) -> None:
+    """A model directory given to --init must have been trained on images of the same channels
+    (read from its model.json; a pretraining stage's directory has none and is of the same data)."""
+    meta_path = Path(init) / "model.json"
+    if not meta_path.is_file():
+        return
+    theirs = json.loads(meta_path.read_text()).get("input", {}).get("channels")
+    if theirs is not None and theirs != in_channels:
+        raise MedanomalyError(f"--init {init} was trained on {theirs}-channel images but these have {in_channels}; "
+                              "use a model of the same modality/channels")

@@ -1,0 +1,114 @@
+"""The CLI's arguments against the one source of options and defaults: every ``choices`` is the
+tuple of medanomaly.config.options, every "(default X)" in a help text is the config's value, the
+settings the planner sets say "chosen by the plan", and building the parser imports no torch."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+
+import pytest
+
+from medanomaly.apps.parser import PLANNED, TRAIN_KEYS, build_parser
+from medanomaly.config import options
+from medanomaly.config.schema import DEMO_MAX_MINUTES, TrainConfig
+from medanomaly.config.sections import GanConfig
+from medanomaly.train.plan import DataFingerprint, MachineInfo, make_plan
+
+CFG, GAN = TrainConfig(), GanConfig()
+
+#: (command, dest) -> the option list its choices must be
+CHOICES = {
+    ("train", "loss"): options.LOSSES, ("train", "optimizer"): options.OPTIMIZERS, ("train", "norm"): options.NORMS,
+    ("train", "encoder"): options.ENCODERS, ("train", "dim"): options.DIMS, ("train", "precision"): options.PRECISIONS,
+    ("train", "task"): options.TASKS, ("train", "method"): options.ANOMALY_METHODS,
+    ("train", "unlabelled_method"): options.UNLABELLED_METHODS, ("pretrain", "encoder"): options.ENCODERS,
+    ("predict", "runtime"): options.RUNTIMES, ("export", "format"): options.EXPORT_FORMATS,
+    ("plan", "task"): options.TASKS,
+}
+
+#: (command, dest) -> the config value its help quotes as "(default X)"
+DEFAULTS = {
+    ("train", "max_minutes"): CFG.max_minutes, ("train", "lr"): CFG.lr, ("train", "seed"): CFG.seed,
+    ("train", "loss"): CFG.loss, ("train", "optimizer"): CFG.optimizer, ("train", "encoder"): CFG.model.encoder,
+    ("train", "dim"): CFG.model.dim, ("train", "patches_per_epoch"): CFG.patches_per_epoch,
+    ("train", "patience"): CFG.patience, ("train", "precision"): CFG.precision, ("train", "task"): CFG.task,
+    ("train", "method"): CFG.anomaly.method, ("train", "noise_res"): CFG.anomaly.noise_res,
+    ("train", "noise_std"): CFG.anomaly.noise_std, ("train", "target_fpr"): CFG.anomaly.target_fpr,
+    ("train", "freeze_encoder_epochs"): CFG.freeze_encoder_epochs,
+    ("train", "unlabelled_method"): CFG.unlabelled_method, ("train", "pretrain_share"): CFG.pretrain_share,
+    ("pretrain", "size"): CFG.size, ("pretrain", "epochs"): CFG.epochs, ("pretrain", "max_minutes"): CFG.max_minutes,
+    ("pretrain", "batch_size"): CFG.batch_size, ("pretrain", "width"): CFG.model.width,
+    ("pretrain", "depth"): CFG.model.depth, ("pretrain", "encoder"): CFG.model.encoder, ("pretrain", "seed"): CFG.seed,
+    ("demo", "max_minutes"): DEMO_MAX_MINUTES, ("demo", "seed"): CFG.seed,
+    ("synthesize", "size"): GAN.size, ("synthesize", "max_minutes"): GAN.minutes,
+    ("synthesize", "max_steps"): GAN.max_steps, ("synthesize", "batch_size"): GAN.batch_size,
+    ("synthesize", "width"): GAN.width, ("synthesize", "seed"): GAN.seed, ("plan", "max_minutes"): CFG.max_minutes,
+}
+
+#: train arguments that are not TrainConfig keys
+NOT_CONFIG = {"help", "data", "out", "config", "splits", "resume", "device", "plan", "no_plan"}
+
+
+def _actions() -> list[tuple[str, argparse.Action]]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return [(name, a) for name, p in sub.choices.items() for a in p._actions]
+
+
+def _help(command: str, dest: str) -> str:
+    return next(a.help for c, a in _actions() if c == command and a.dest == dest)
+
+
+def _same(quoted: str, value: object) -> bool:
+    return quoted == value if isinstance(value, str) else float(quoted) == pytest.approx(float(value))
+
+
+def test_every_choices_list_is_the_option_tuple():
+    found = {(c, a.dest): tuple(a.choices) for c, a in _actions() if a.choices and a.dest != "help"}
+    assert found == CHOICES
+
+
+def test_every_quoted_default_is_the_configs():
+    quoted = {(c, a.dest): m.group(1) for c, a in _actions() if a.help
+              for m in [re.search(r"\(default ([^\s):;,]+)", a.help)] if m}
+    assert set(quoted) == set(DEFAULTS)  # a new "(default X)" belongs in DEFAULTS, checked against the config
+    wrong = {k: (quoted[k], DEFAULTS[k]) for k in quoted if not _same(quoted[k], DEFAULTS[k])}
+    assert wrong == {}
+    assert f"{CFG.max_minutes:g} for --data" in _help("demo", "max_minutes")  # demo with real data: train's budget
+    assert options.DEFAULT_UNLABELLED_METHOD in _help("train", "unlabelled_method")  # what auto means
+
+
+def test_argparse_defaults_are_the_configs():
+    args = build_parser().parse_args(["plan", "DATA"])
+    assert args.max_minutes == CFG.max_minutes
+    assert build_parser().parse_args(["demo"]).seed == CFG.seed
+
+
+def test_what_the_plan_sets_says_chosen_by_the_plan():
+    fp = DataFingerprint("d", 10, 100, 100, 100, 80, 80, 10, 100, False, (128, 128), None, 1, ("raster",), True,
+                         {"p0.5": 0, "p50": 5, "p99.5": 154, "mean": 21, "std": 31}, 0.3, 0.01, 0.4, True)
+    planned = set(make_plan(fp, MachineInfo(cores=2, memory_gib=16.0, bf16=True)).to_config_overrides())
+    # the plan takes the run's own task and budget (config defaults unless given): those help texts quote them
+    planned -= {"task", "max_minutes"}
+    by_key = {key: dest for dest, key in TRAIN_KEYS.items()}
+    flags = {by_key[k] for k in planned if k in by_key}
+    assert flags == {"size", "epochs", "batch_size", "width", "depth", "norm"}
+    for c, a in _actions():
+        if c == "train" and a.help:
+            assert (PLANNED in a.help) == (a.dest in flags), a.dest
+
+
+def test_every_train_flag_is_a_config_key():
+    dests = {a.dest for c, a in _actions() if c == "train"}
+    assert dests - NOT_CONFIG == set(TRAIN_KEYS)
+    for key in TRAIN_KEYS.values():  # each key exists in TrainConfig (or its sections)
+        section, _, name = key.rpartition(".")
+        assert hasattr(getattr(CFG, section) if section else CFG, name), key
+
+
+def test_building_the_parser_imports_no_torch():
+    code = "import sys; from medanomaly.apps.cli import build_parser; build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"  # --help and argument errors answer without the 2-3 s torch import

@@ -1,0 +1,141 @@
+"""Scoring (medanomaly.evaluate.score) on hand-made masks whose numbers are checked by hand: the
+Accumulator's per-case pooling, case rows, the summary (pooled, per-case and lesion-wise numbers,
+AUROC), the curves, and ``evaluate_predictions`` on a tiny folder of predictions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image as PILImage
+
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.evaluate.score import Accumulator, case_rows, curves, evaluate_predictions, summarize
+from medanomaly.metrics import functional as M
+
+
+def _mask(*boxes: tuple[slice, slice], shape: tuple[int, int] = (4, 4)) -> np.ndarray:
+    m = np.zeros(shape, bool)
+    for box in boxes:
+        m[box] = True
+    return m
+
+
+@pytest.fixture
+def three_cases() -> Accumulator:
+    """Case a: two 4x4 slices, a 2x2 lesion predicted as 2x3 (tp 4, fp 2), then both empty (tn 16);
+    case b: a 2x2 lesion missed (fn 4); case c: no lesion, one false pixel (fp 1). Scores = truth."""
+    acc = Accumulator()
+    rows = [("a", _mask(np.s_[0:2, 0:3]), _mask(np.s_[0:2, 0:2])), ("a", _mask(), _mask()),
+            ("b", _mask(), _mask(np.s_[2:4, 2:4])), ("c", _mask(np.s_[3:4, 0:1]), _mask())]
+    for case, pred, truth in rows:
+        acc.add(case, pred, truth, truth.astype(np.float32))
+    return acc
+
+
+def test_slices_of_a_case_are_pooled(three_cases: Accumulator) -> None:
+    assert three_cases.per_case == {"a": M.Stats(4, 2, 0, 26), "b": M.Stats(0, 0, 4, 12), "c": M.Stats(0, 1, 0, 15)}
+    assert three_cases.n_images == {"a": 2, "b": 1, "c": 1}
+    assert three_cases.lesions_case["a"] == {"n_true": 1, "n_pred": 1, "tp_true": 1, "tp_pred": 1}
+
+
+def test_case_rows(three_cases: Accumulator) -> None:
+    rows = {r["case"]: r for r in case_rows(three_cases)}
+    a, b, c = rows["a"], rows["b"], rows["c"]
+    assert (a["dice"], a["iou"], a["sensitivity"], a["precision"]) == pytest.approx((0.8, 4 / 6, 1.0, 4 / 6))
+    assert a["specificity"] == pytest.approx(26 / 28) and a["n_images"] == 2
+    assert b["dice"] == 0 and b["sensitivity"] == 0 and math.isnan(b["precision"]) and b["fn"] == 4
+    assert c["dice"] == 0 and math.isnan(c["sensitivity"])  # empty truth, one predicted pixel: Dice 0
+    assert (c["n_true_lesions"], c["n_pred_lesions"]) == (0, 1)
+
+
+def test_summary_numbers(three_cases: Accumulator) -> None:
+    s = summarize(three_cases)  # pooled: tp 4, fp 3, fn 4, tn 53
+    assert (s["n_cases"], s["n_images"]) == (3, 4)
+    assert s["dice"] == pytest.approx(8 / 15) and s["f1"] == s["dice"] and s["iou"] == pytest.approx(4 / 11)
+    assert s["sensitivity"] == 0.5 and s["precision"] == pytest.approx(4 / 7)
+    assert s["specificity"] == pytest.approx(53 / 56)
+    assert s["dice_per_case_mean"] == pytest.approx(0.8 / 3) and s["dice_per_case_median"] == 0
+    assert s["dice_per_case_std"] == pytest.approx(np.std([0.8, 0, 0]))
+    assert s["lesions"] == {"n_true": 2, "n_pred": 2, "tp_true": 1, "tp_pred": 1}
+    assert s["lesion_sensitivity"] == s["lesion_precision"] == s["lesion_f1"] == 0.5
+    assert s["auroc"] == 1.0 and s["auprc"] == 1.0  # the scores are the truth itself
+    assert "image_auroc" not in s  # no image-level detection was added
+
+
+def test_curves_and_pooled_scores(three_cases: Accumulator) -> None:
+    c = curves(three_cases)
+    assert c["roc"]["fpr"][0] == 0 and c["roc"]["fpr"][-1] == 1 and c["roc"]["tpr"][-1] == 1
+    assert max(c["pr"]["precision"]) == 1.0
+    scores, truths = three_cases.pooled()
+    assert scores.shape == truths.shape == (64,) and len(three_cases.scores) == 1 and truths.sum() == 8
+    assert curves(Accumulator()) == {}
+    only_negatives = Accumulator()
+    only_negatives.add("x", _mask(), _mask(), np.zeros((4, 4)))
+    assert curves(only_negatives) == {}  # no curve without both classes
+
+
+def test_nothing_to_evaluate_is_an_error() -> None:
+    with pytest.raises(MedanomalyError, match="nothing to evaluate"):
+        summarize(Accumulator())
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from("xyz"), hnp.arrays(bool, (3, 5)), hnp.arrays(bool, (3, 5))),
+                min_size=1, max_size=6))
+def test_pooling_is_additive(images: list[tuple[str, np.ndarray, np.ndarray]]) -> None:
+    """A case's counts are those of its slices stacked into one image, and the pooled Dice is the
+    Dice of everything stacked, whatever the order in which the slices come."""
+    acc = Accumulator()
+    for case, pred, truth in images:
+        acc.add(case, pred, truth, None)
+    for case in acc.per_case:
+        mine = [(p, t) for c, p, t in images if c == case]
+        assert acc.per_case[case] == M.get_stats(np.stack([p for p, _ in mine]), np.stack([t for _, t in mine]))
+    everything = M.get_stats(np.stack([p for _, p, _ in images]), np.stack([t for _, _, t in images]))
+    assert summarize(acc)["dice"] == M.dice(everything)
+
+
+# --- evaluate_predictions on a tiny folder ---------------------------------------------------------
+
+def _write_predictions(preds: Path) -> None:
+    """case0 predicted exactly, case1 empty, case2 not at all, case3 the left half of each lesion
+    (the labelled phantoms: an 8x8 lesion at [8:16, 8:16] of every 32x32 slice)."""
+    for k in range(3):
+        for case, box in (("case0", np.s_[8:16, 8:16]), ("case1", None), ("case3", np.s_[8:16, 8:12])):
+            m = np.zeros((32, 32), np.uint8)
+            if box is not None:
+                m[box] = 255
+            (preds / case).mkdir(parents=True, exist_ok=True)
+            PILImage.fromarray(m).save(preds / case / f"{case}_{k}_pred.png")
+
+
+def test_evaluate_predictions_on_a_tiny_folder(tmp_path: Path, labelled_phantoms) -> None:
+    data = labelled_phantoms(tmp_path / "data")
+    _write_predictions(tmp_path / "preds")
+    s = evaluate_predictions(tmp_path / "preds", data, tmp_path / "eval", progress=False)
+    # pooled over 9 slices: tp 3*64 + 3*32, fn 3*64 + 3*32, no false positive
+    assert (s["n_cases"], s["n_images"], s["n_missing_predictions"], s["split"]) == (3, 9, 3, "all")
+    assert s["dice"] == pytest.approx(2 / 3) and s["precision"] == 1.0 and s["sensitivity"] == 0.5
+    assert s["dice_per_case_mean"] == pytest.approx((1 + 0 + 2 / 3) / 3) and math.isnan(s["auroc"])  # no score files
+    with open(tmp_path / "eval" / "cases.csv") as fh:
+        dice = {r["case"]: float(r["dice"]) for r in csv.DictReader(fh)}
+    assert dice == pytest.approx({"case0": 1.0, "case1": 0.0, "case3": 2 / 3})
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["n_images"] == 9
+    assert (tmp_path / "eval" / "report.html").is_file()
+
+
+def test_evaluate_predictions_of_one_split(tmp_path: Path, labelled_phantoms) -> None:
+    data = labelled_phantoms(tmp_path / "data")  # splits.json: test = [case3]
+    _write_predictions(tmp_path / "preds")
+    s = evaluate_predictions(tmp_path / "preds", data, tmp_path / "eval", split="test",
+                             splits_file=data / "splits.json", progress=False)
+    assert (s["n_cases"], s["n_images"], s["n_missing_predictions"]) == (1, 3, 0)
+    assert s["dice"] == pytest.approx(2 / 3) and s["split"] == "test"

@@ -1,0 +1,165 @@
+"""Tests for medanomaly.infer.predictor: one Predictor for 2D and 3D models, rebuilt from the model
+file, with the network behind a PyTorch or an ONNX Runtime backend; model directories of the
+previous release (tests/fixtures/model-v1, made by commit b9f2d7b) predict identically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from medanomaly.anomaly.methods import residual_map
+from medanomaly.config.model_file import TrainingSummary, build_model_file, read_model_file, write_model_file
+from medanomaly.config.schema import TrainConfig
+from medanomaly.config.sections import AnomalyConfig, PostprocessParams, UNetConfig
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.data.slices import normalize, resize
+from medanomaly.data.volumes import resample
+from medanomaly.infer.backend import TorchBackend
+from medanomaly.infer.export import export_onnx
+from medanomaly.infer.predictor import Predictor, probability, score_batch
+from medanomaly.infer.sliding import sliding_window
+from medanomaly.io import Geometry, Image, read_image
+from medanomaly.models.unet import UNet
+
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "model-v1"
+PATCH, SPACING = (8, 16, 16), (2.0, 2.0, 2.0)
+
+
+def raster(array: np.ndarray) -> Image:
+    """An 8-bit raster image (normalised by /255, so slices normalise independently)."""
+    geo = Geometry("raster", (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0), False, meta={"dtype": "uint8"})
+    return Image(np.ascontiguousarray(array, dtype=np.float32), geo, Path("x.png"))
+
+
+def volume(shape: tuple[int, int, int] = (10, 20, 24), seed: int = 0) -> Image:
+    """A (1, Z, Y, X) volume at 2 x 1 x 1 mm (resampled to 10 x 10 x 12 voxels at the model's spacing)."""
+    a = np.random.default_rng(seed).random((1, *shape)).astype(np.float32) * 900
+    geo = Geometry("nifti", (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()), True)
+    return Image(a, geo, Path("v.nii.gz"))
+
+
+def model_3d(path: Path, task: str = "supervised", method: str = "denoise") -> Path:
+    """A 3D model directory as train writes it, random weights, fp32."""
+    cfg = TrainConfig(size=32, model=UNetConfig(dim=3, width=4, depth=2, norm="instance"), task=task,
+                      precision="fp32", patch=PATCH, spacing=SPACING, anomaly=AnomalyConfig(method=method))
+    mf = build_model_file(cfg, 1, PostprocessParams(), TrainingSummary(), {})
+    write_model_file(mf, path)
+    torch.manual_seed(0)
+    torch.save(UNet(mf.model).state_dict(), path / "model.pt")
+    return path
+
+
+@pytest.mark.parametrize("name", ["supervised", "anomaly"])
+def test_model_directory_of_the_previous_release_predicts_identically(name):
+    model_dir = FIXTURES / name
+    before = (model_dir / "model.json").read_text()
+    assert "schema_version" not in json.loads(before)  # version 1
+    p = Predictor(model_dir)
+    assert p.model_file.schema_version == 2 and p.model_file == read_model_file(model_dir)  # upgraded in memory
+    expected = np.load(FIXTURES / f"{name}_score.npy")  # the old release's Predictor(model_dir).scores
+    got = p.scores(read_image(FIXTURES / "input.png"))
+    assert got.dtype == np.float32 and got.shape == expected.shape == (24, 24)
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    assert (model_dir / "model.json").read_text() == before
+
+
+def test_predictor_is_rebuilt_from_the_model_file(tmp_path, make_model_dir):
+    model_dir = make_model_dir(tmp_path / "m", size=40, depth=3)
+    data = json.loads((model_dir / "model.json").read_text())
+    data["postprocess"]["threshold"] = 0.35
+    (model_dir / "model.json").write_text(json.dumps(data))
+    p = Predictor(model_dir)
+    mf = read_model_file(model_dir)
+    assert p.model_file == mf and (p.size, p.channels, p.dim, p.tta) == (40, 1, 2, False)
+    assert p.post == mf.postprocess and p.post.threshold == 0.35 and p.task == "supervised" and p.anomaly is None
+    assert isinstance(p.backend, TorchBackend) and p.precision == "fp32"
+    with pytest.raises(MedanomalyError, match="unknown runtime 'tensorrt'"):
+        Predictor(model_dir, runtime="tensorrt")
+
+
+def test_2d_path_is_the_network_on_resized_slices(tmp_path, make_model_dir):
+    """The score of an image is sigmoid(network) at the model size, resized back; a volume is scored
+    slice by slice (batches of batch_size slices) exactly as each slice alone."""
+    p = Predictor(make_model_dir(tmp_path / "m"), batch_size=2)
+    rng = np.random.default_rng(1)
+    image = raster(rng.integers(0, 256, (1, 40, 50)))
+    x = resize(torch.from_numpy(image.array / np.float32(255))[None], (32, 32))
+    with torch.no_grad():
+        expected = F.interpolate(torch.sigmoid(p.model(x)), size=(40, 50), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(p.scores(image), expected[0, 0].numpy(), atol=1e-6, rtol=0)
+    vol = raster(rng.integers(0, 256, (1, 5, 40, 50)))
+    got = p.scores(vol)
+    assert got.shape == (5, 40, 50) and got.dtype == np.float32
+    for k in range(5):
+        np.testing.assert_allclose(got[k], p.scores(raster(vol.array[:, k])), atol=1e-6, rtol=0)
+
+
+def test_3d_path_is_sliding_windows_at_the_training_spacing(tmp_path):
+    p = Predictor(model_3d(tmp_path))
+    assert (p.dim, tuple(p.patch), tuple(p.spacing)) == (3, PATCH, SPACING)
+    image = volume()
+    a = normalize(image.array, "auto", "nifti", None)
+    x = resample(a, (10, 10, 12))
+    with torch.no_grad():
+        prob = torch.sigmoid(sliding_window(x, PATCH, p.model, 0.5, 2))
+    expected = resample(prob, (10, 20, 24))[0].numpy()
+    got = p.scores(image)
+    assert got.shape == (10, 20, 24) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=1e-6, rtol=0)
+    flat = p.scores(raster(np.random.default_rng(2).integers(0, 256, (1, 20, 24))))  # a 2D image: one slice
+    assert flat.shape == (20, 24) and np.isfinite(flat).all()
+
+
+def test_3d_anomaly_map_is_the_residual_of_the_sliding_window_reconstruction(tmp_path):
+    p = Predictor(model_3d(tmp_path, task="anomaly"))
+    image = volume(seed=3)
+    x = resample(normalize(image.array, "auto", "nifti", None), (10, 10, 12))
+    with torch.no_grad():
+        recon = sliding_window(x, PATCH, p.model, 0.5, 2)
+    expected = resample(torch.from_numpy(residual_map(x.numpy(), recon.numpy(), p.anomaly))[None], (10, 20, 24))
+    np.testing.assert_allclose(p.scores(image), expected[0].numpy(), atol=1e-6, rtol=0)
+
+
+def test_tta_and_anomaly_maps_are_shared_by_both_paths():
+    """score_batch: the probability averaged with the flipped prediction, or one residual map per item."""
+    x = torch.rand(2, 1, 4, 6, generator=torch.Generator().manual_seed(0))
+
+    def net(b: torch.Tensor) -> torch.Tensor:  # not flip-equivariant: tta changes the result
+        return b.cumsum(-1)
+
+    plain = torch.sigmoid(net(x))
+    tta = 0.5 * (plain + torch.sigmoid(net(x.flip(-1))).flip(-1))
+    torch.testing.assert_close(probability(net, x, tta=False), plain)
+    torch.testing.assert_close(score_batch(x, net, None, tta=True), tta)
+    intensity = AnomalyConfig(method="intensity", erode=0, median_size=1)
+    maps = score_batch(x, None, intensity, tta=False)
+    assert maps.shape == (2, 1, 4, 6)
+    for k in range(2):
+        np.testing.assert_array_equal(maps[k, 0].numpy(), residual_map(x[k].numpy(), None, intensity))
+
+
+def test_intensity_method_has_no_network_on_either_runtime(tmp_path, make_model_dir):
+    model_dir = make_model_dir(tmp_path / "i", task="anomaly", method="intensity")
+    image = raster(np.random.default_rng(4).integers(0, 256, (1, 30, 30)))
+    torch_p, onnx_p = Predictor(model_dir), Predictor(model_dir, runtime="onnx")  # no model.onnx needed
+    assert torch_p.model is None and torch_p.backend is None and onnx_p.backend is None
+    np.testing.assert_array_equal(torch_p.scores(image), onnx_p.scores(image))
+
+
+def test_torch_and_onnx_backends_agree_in_2d_and_3d(tmp_path, make_model_dir):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    rng = np.random.default_rng(5)
+    cases = [(make_model_dir(tmp_path / "2d"), raster(rng.integers(0, 256, (1, 45, 37)))),
+             (model_3d(tmp_path / "3d"), volume(seed=6))]
+    for model_dir, image in cases:
+        export_onnx(model_dir)
+        torch_p, onnx_p = Predictor(model_dir), Predictor(model_dir, runtime="onnx")
+        assert onnx_p.precision == "fp32" and onnx_p.dim == torch_p.dim
+        np.testing.assert_allclose(onnx_p.scores(image), torch_p.scores(image), atol=1e-4, rtol=0)
+        np.testing.assert_array_equal(onnx_p.predict(image).mask, torch_p.predict(image).mask)
