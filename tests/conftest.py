@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import builtins
 import functools
+import io
 import json
 import os
 import re
 import shutil
 import sys
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +265,17 @@ def _make_model_dir(path: Path, task: str = "supervised", method: str = "denoise
 def make_model_dir():
     """The builder of model directories with random weights: ``make_model_dir(path, task=..., ...) -> path``."""
     return _make_model_dir
+
+
+def _make_zip(members: dict[str, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def make_zip():
+    """The bytes of a zip archive of ``{member name: bytes}`` (uploads of a zipped DICOM series)."""
+    return _make_zip

@@ -15,7 +15,6 @@ import os
 import shutil
 import threading
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -176,30 +175,22 @@ def test_wrong_or_broken_content_is_422(client, tmp_path):
     assert uploads_left(client) == []
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
-def test_zip_with_unsafe_members_is_rejected(client, tmp_path):
+def test_zip_with_unsafe_members_is_rejected(client, tmp_path, make_zip):
     for bad in ("../evil", "series/../../evil", "/etc/evil", "C:/evil"):
-        r = upload(client, "series.zip", _zip({"series/a.dcm": b"x", bad: b"owned"}))
+        r = upload(client, "series.zip", make_zip({"series/a.dcm": b"x", bad: b"owned"}))
         assert r.status_code == 422 and "unsafe entry" in r.json()["error"], bad
     root = client.app.state.viewer.root
     assert not list(root.parent.glob("evil")) and not list(root.glob("**/evil"))
-    r = upload(client, "bomb.zip", _zip({"series/a.dcm": bytes(4 * MAX_MB * 2**20 + 1)}))  # declared size over the cap
+    r = upload(client, "bomb.zip", make_zip({"series/a.dcm": bytes(4 * MAX_MB * 2**20 + 1)}))  # declared size over the cap
     assert r.status_code == 422 and "uncompressed" in r.json()["error"]
-    r = upload(client, "notes.zip", _zip({"readme.txt": b"no images"}))
+    r = upload(client, "notes.zip", make_zip({"readme.txt": b"no images"}))
     assert r.status_code == 422 and "no DICOM series" in r.json()["error"]
     assert uploads_left(client) == []
 
 
 @pytest.mark.shared_data("dicom-series/mr-gre-fieldmap-axial")
-def test_zipped_dicom_series_is_a_volume(client, tmp_path):
-    data = _zip({f"fieldmap/{p.name}": p.read_bytes() for p in sorted(DICOM_SERIES.iterdir())})
+def test_zipped_dicom_series_is_a_volume(client, tmp_path, make_zip):
+    data = make_zip({f"fieldmap/{p.name}": p.read_bytes() for p in sorted(DICOM_SERIES.iterdir())})
     r = upload(client, "fieldmap.zip", data)
     assert r.status_code == 200, r.text
     info = r.json()

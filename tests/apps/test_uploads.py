@@ -42,14 +42,6 @@ def _nifti1_header(byteorder: str = "<") -> bytes:
     return bytes(head)
 
 
-def _zip(members: dict[str, bytes]) -> bytes:
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buf.getvalue()
-
-
 # --- types --------------------------------------------------------------------------------------
 
 def test_type_checks():
@@ -106,10 +98,10 @@ def test_check_type_either_agrees_or_refuses_with_415_or_422(name: str, head: by
 
 # --- zip ----------------------------------------------------------------------------------------
 
-def test_extract_zip_counts_real_bytes(tmp_path):
+def test_extract_zip_counts_real_bytes(tmp_path, make_zip):
     """A header that understates a member's size cannot get past the cap: the bytes are counted."""
     z = tmp_path / "a.zip"
-    z.write_bytes(_zip({"a/b.dcm": bytes(5000)}))
+    z.write_bytes(make_zip({"a/b.dcm": bytes(5000)}))
     extract_zip(z, tmp_path / "ok", max_bytes=5000)
     assert (tmp_path / "ok" / "a" / "b.dcm").stat().st_size == 5000
     with pytest.raises(MedanomalyError, match="more than"):
@@ -117,26 +109,26 @@ def test_extract_zip_counts_real_bytes(tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["../evil", "series/../../evil", "/etc/evil", "C:/evil", "\\evil", "a\\..\\evil"])
-def test_unsafe_entries_are_refused_before_anything_is_written(bad: str, tmp_path: Path) -> None:
+def test_unsafe_entries_are_refused_before_anything_is_written(bad: str, tmp_path: Path, make_zip) -> None:
     z = tmp_path / "s.zip"
-    z.write_bytes(_zip({"series/a.dcm": b"x", bad: b"owned"}))
+    z.write_bytes(make_zip({"series/a.dcm": b"x", bad: b"owned"}))
     with pytest.raises(MedanomalyError, match="unsafe entry"):
         extract_zip(z, tmp_path / "out", max_bytes=1000)
     assert not (tmp_path / "out").exists() and not list(tmp_path.rglob("evil"))
 
 
-def test_folders_hidden_files_and_macos_metadata_are_skipped(tmp_path: Path) -> None:
+def test_folders_hidden_files_and_macos_metadata_are_skipped(tmp_path: Path, make_zip) -> None:
     z = tmp_path / "s.zip"
-    z.write_bytes(_zip({"series/": b"", "series/a.dcm": b"1", "series/.DS_Store": b"2", "__MACOSX/series/._a.dcm": b"3",
+    z.write_bytes(make_zip({"series/": b"", "series/a.dcm": b"1", "series/.DS_Store": b"2", "__MACOSX/series/._a.dcm": b"3",
                         "./series/./b.dcm": b"4"}))
     out = extract_zip(z, tmp_path / "out", max_bytes=1000)
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == ["series/a.dcm",
                                                                                           "series/b.dcm"]
 
 
-def test_entry_count_and_declared_size_are_limited(tmp_path: Path) -> None:
+def test_entry_count_and_declared_size_are_limited(tmp_path: Path, make_zip) -> None:
     z = tmp_path / "s.zip"
-    z.write_bytes(_zip({f"s/{i}.dcm": b"x" for i in range(3)}))
+    z.write_bytes(make_zip({f"s/{i}.dcm": b"x" for i in range(3)}))
     with pytest.raises(MedanomalyError, match="holds 3 entries, more than the 2 allowed"):
         extract_zip(z, tmp_path / "a", max_bytes=1000, max_members=2)
     assert extract_zip(z, tmp_path / "b", max_bytes=3, max_members=3) == tmp_path / "b"
@@ -145,7 +137,7 @@ def test_entry_count_and_declared_size_are_limited(tmp_path: Path) -> None:
     assert not (tmp_path / "c").exists()
 
 
-def test_links_encryption_duplicates_and_non_zips_are_refused(tmp_path: Path) -> None:
+def test_links_encryption_duplicates_and_non_zips_are_refused(tmp_path: Path, make_zip) -> None:
     link = zipfile.ZipInfo("series/link.dcm")
     link.external_attr = 0o120777 << 16  # a symbolic link, as `zip --symlinks` stores it
     buf = io.BytesIO()
@@ -155,7 +147,7 @@ def test_links_encryption_duplicates_and_non_zips_are_refused(tmp_path: Path) ->
     with pytest.raises(MedanomalyError, match="symbolic link 'series/link.dcm'"):
         extract_zip(tmp_path / "link.zip", tmp_path / "a", max_bytes=1000)
 
-    raw = bytearray(_zip({"series/a.dcm": b"x"}))
+    raw = bytearray(make_zip({"series/a.dcm": b"x"}))
     raw[raw.find(b"PK\x01\x02") + 8] |= 0x1  # the central directory's "encrypted" flag
     (tmp_path / "enc.zip").write_bytes(bytes(raw))
     with pytest.raises(MedanomalyError, match=r"is encrypted \(series/a.dcm\)"):

@@ -22,6 +22,8 @@ Shapes: images (N, C, H, W) in about [0, 1]; foreground masks (N, 1, H, W) in {0
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -122,7 +124,5 @@ def _signed(diff: np.ndarray, residual: str) -> np.ndarray:
 
 def map_variants(cfg: AnomalyConfig) -> list[AnomalyConfig]:
     """Anomaly-map settings tried on the validation split (residual sign x erosion x median)."""
-    from dataclasses import replace
-
     residuals = RESIDUALS if cfg.method not in ("intensity", "synthetic") else ("abs",)  # no residual there
     return [replace(cfg, residual=r, erode=e, median_size=m) for r in residuals for e in (3, 6) for m in (5, 7)]

@@ -43,6 +43,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:
+    # torch (3.1 s to import here) is imported on use: config imports this module, and building the
+    # CLI's parser from the config must stay fast (medanomaly --help: 0.2 s)
     import torch
 
     with atomic_path(path) as tmp:

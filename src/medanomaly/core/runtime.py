@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import shutil
 from functools import lru_cache
 from pathlib import Path
 
@@ -44,8 +45,6 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     """``torch.compile(model)`` (Inductor, default mode): a module sharing ``model``'s parameters
     whose forward and backward are compiled on the first call (about a minute on 2 CPU cores) and
     on each new input shape. Inductor builds C++ kernels on the CPU, so a compiler must exist."""
-    import shutil
-
     if not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
         raise MedanomalyError("--compile needs a C++ compiler (g++ or clang++) on the PATH for Inductor's CPU "
                               "kernels; install one (e.g. apt install g++) or train without --compile")

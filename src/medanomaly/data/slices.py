@@ -19,12 +19,13 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from medanomaly.config.options import NORMALIZATIONS
 from medanomaly.core.errors import MedanomalyError
@@ -307,8 +308,6 @@ def load_slices(samples: list[Sample], size: int, normalization: str = "auto", w
     Raises MedanomalyError naming the file when channel counts differ, a required mask is
     missing, or a mask does not match its image.
     """
-    from tqdm import tqdm
-
     if not samples:
         raise MedanomalyError("no images to load: the selected split is empty")
     images, masks, cases, sources, lesion, labelled = [], [], [], [], [], []
@@ -351,6 +350,4 @@ def _mask_slices(s: Sample, img: Image, n: int) -> torch.Tensor:
 
 
 def _normalized(img: Image, mode: str) -> Image:
-    from dataclasses import replace
-
     return replace(img, array=normalize(img.array, mode, img.geometry.kind, img.geometry.meta.get("dtype")))

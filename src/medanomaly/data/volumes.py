@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.foreground import foreground_mask
@@ -184,8 +185,6 @@ def load_volume(vc: VolumeCase, spacing: Sequence[float] | None, normalization: 
 def load_volumes(cases: Sequence[VolumeCase], spacing: Sequence[float] | None, normalization: str, task: str,
                  progress: bool = False) -> list[Volume]:
     """:func:`load_volume` for each case, with a progress bar."""
-    from tqdm import tqdm
-
     if not cases:
         raise MedanomalyError("no volumes to load: the selected split is empty")
     out = [load_volume(vc, spacing, normalization, task, seed=i)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from medanomaly.anomaly.methods import AnomalyConfig, image_score
 from medanomaly.calibrate.search import fit_intensity_baseline
@@ -209,10 +210,7 @@ def _predict_and_score(predictor, samples: list[Sample], data: Path, pred_dir: P
                        progress: bool) -> Accumulator:
     """Run ``predictor`` on each sample as ``predict`` does (writing under pred_dir if given) and
     accumulate the scores against the masks."""
-    from tqdm import tqdm
-
     if getattr(predictor, "dim", 2) == 3:  # whole volumes (stacked slices too), written slice by slice
-
         return predict_and_score_3d(predictor, samples, data, pred_dir, progress)
     acc = Accumulator()
     for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
@@ -267,8 +265,6 @@ def evaluate_predictions(pred_dir: str | Path, data: str | Path, out: str | Path
                          splits_file: str | Path | None = None, progress: bool = True) -> dict:
     """Score existing ``*_pred.*`` files (from medanomaly or any tool named the same way);
     ``*_score.*`` files, where present, give AUROC/AUPRC."""
-    from tqdm import tqdm
-
     pred_dir, data, out = Path(pred_dir), Path(data), Path(out)
     check_output_dir(out, [data])
     acc, missing = Accumulator(), []

@@ -12,6 +12,7 @@ import logging
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 from scipy import ndimage
 
 from medanomaly.core.atomic import atomic_path
@@ -108,7 +109,7 @@ def overlay_rgb(
     Returns:
         ``(H, W, 3)`` uint8 RGB picture.
     """
-    from matplotlib import colormaps
+    from matplotlib import colormaps  # on use: matplotlib costs 0.4 s to import (commands that draw nothing skip it)
 
     rgb = to_display(image)
     shape = rgb.shape[:2]
@@ -135,8 +136,6 @@ def save_png(rgb: np.ndarray, path: Path) -> Path:
     Parent folders are created; a temporary file beside ``path`` replaces it only when complete.
     Returns ``path`` as a :class:`~pathlib.Path`.
     """
-    from PIL import Image
-
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8:
         raise ValueError(f"save_png expects uint8 pixels, got {arr.dtype}")

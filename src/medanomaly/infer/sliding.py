@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 OVERLAP = 0.5  # share of a window shared with its neighbour at inference (nnU-Net and MONAI's usual 0.5)
@@ -57,8 +58,6 @@ def sliding_window(volume: torch.Tensor, patch: Sequence[int], forward: Forward,
     call. Returns (out_ch, *S) float32 on the volume's device. Memory: the output and weight
     buffers of the (padded) volume plus one batch of windows.
     """
-    from tqdm import tqdm
-
     if volume.ndim != len(patch) + 1:
         raise ValueError(f"volume must be (C, *S) with {len(patch)} spatial axes for patch {tuple(patch)}, "
                          f"got shape {tuple(volume.shape)}")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from medanomaly.config.options import TASKS
 from medanomaly.config.schema import TrainConfig
@@ -187,8 +188,6 @@ def fingerprint(data: str | Path, splits_file: str | Path | None = None, max_ima
 
 def machine(device: str = "auto") -> MachineInfo:
     """Cores, free memory, and the GPU that ``device`` (auto, cpu, cuda, cuda:N) trains on."""
-    import torch
-
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     memory = 4.0  # GiB available: /proc/meminfo MemAvailable, capped by a cgroup v2 limit
     try:
