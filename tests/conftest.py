@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import builtins
 import functools
+import hashlib
 import io
 import json
 import os
@@ -16,9 +17,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 import torch
 from PIL import Image as PILImage
+from pydicom.dataset import FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 from medanomaly.apps.cli import main
 from medanomaly.apps.demo import make_phantoms
@@ -192,6 +196,28 @@ class Cli:
     def outputs_of(out: Path, stem: str) -> list[Path]:
         return [p for p in out.rglob(f"{stem}_*")] if out.exists() else []
 
+    @staticmethod
+    def digest(*roots: Path) -> dict[str, str]:
+        """Every file and folder below ``roots`` (or the file itself), with a SHA-256 of each file's
+        bytes: equal before and after a command means it changed, created and deleted nothing there."""
+        out: dict[str, str] = {}
+        for root in map(Path, roots):
+            for p in ([root] if root.is_file() else sorted(root.rglob("*")) if root.exists() else []):
+                out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        return out
+
+    def refuses(self, *argv, says: str, untouched: tuple[Path, ...] = ()) -> str:
+        """Run ``medanomaly -q ARGV`` and check a clean refusal: exit 2, no traceback, stderr matching
+        ``says`` (a regex), and no file changed, created or deleted below any path of ``untouched``
+        (the inputs, the --out folder, its parent...). Returns stderr."""
+        before = self.digest(*untouched)
+        rc, err = self(*argv)
+        assert rc == 2, f"exit {rc}, expected 2: {err}"
+        assert "Traceback" not in err, err
+        assert self.says(err, says), f"{says!r} not in: {err}"
+        assert self.digest(*untouched) == before, f"files changed below {untouched}"
+        return err
+
 
 @pytest.fixture
 def cli(capsys) -> Cli:
@@ -267,6 +293,27 @@ def make_model_dir():
     return _make_model_dir
 
 
+def _make_model_dir_3d(path: Path, task: str = "supervised", method: str = "denoise",
+                       patch: tuple[int, int, int] = (8, 16, 16),
+                       spacing: tuple[float, float, float] = (2.0, 2.0, 2.0)) -> Path:
+    """A 3D model directory as train writes it (width 4, depth 2, instance norm; ``patch`` in voxels,
+    ``spacing`` in mm), random weights (seed 0), fp32."""
+    cfg = TrainConfig(size=32, model=UNetConfig(dim=3, width=4, depth=2, norm="instance"), task=task,
+                      precision="fp32", patch=patch, spacing=spacing, anomaly=AnomalyConfig(method=method))
+    mf = build_model_file(cfg, 1, PostprocessParams(), TrainingSummary(), {})
+    write_model_file(mf, path)
+    torch.manual_seed(0)
+    torch.save(UNet(mf.model).state_dict(), path / "model.pt")
+    return path
+
+
+@pytest.fixture(scope="session")
+def make_model_dir_3d():
+    """The builder of 3D model directories with random weights: ``make_model_dir_3d(path, task=..., patch=...,
+    spacing=...) -> path``."""
+    return _make_model_dir_3d
+
+
 def _make_zip(members: dict[str, bytes]) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
@@ -279,3 +326,68 @@ def _make_zip(members: dict[str, bytes]) -> bytes:
 def make_zip():
     """The bytes of a zip archive of ``{member name: bytes}`` (uploads of a zipped DICOM series)."""
     return _make_zip
+
+
+def _disk_image(rng: np.random.Generator, shape: tuple[int, int] = (64, 64),
+                radius: int = 20) -> tuple[np.ndarray, np.ndarray]:
+    """(image, disk): a bright disk of ``radius`` px (0.9) in the middle of a dark image, plus
+    uniform noise in [0, 0.2); ``disk`` is its bool mask (the body a foreground should find)."""
+    yy, xx = np.indices(shape)
+    disk = (yy - shape[0] // 2) ** 2 + (xx - shape[1] // 2) ** 2 <= radius**2
+    img = np.where(disk, 0.9, 0.0) + rng.uniform(0, 0.2, shape)
+    return img, disk
+
+
+@pytest.fixture(scope="session")
+def disk_image():
+    """The builder of a noisy bright disk: ``disk_image(rng, shape=(64, 64), radius=20) -> (image, disk)``."""
+    return _disk_image
+
+
+# --- small DICOM files and series written with pydicom: tests/io/test_dicom*.py --------------------
+
+def _dicom_slice(path: Path, pixels: np.ndarray, z: float, series: str, slope: float = 1.0, intercept: float = 0.0,
+                 **attributes) -> Path:
+    """An axial MR slice (uint16 ``pixels``, 0.5 x 0.5 mm, at x = -10, y = 5 mm) at height ``z`` mm of the
+    series ``series`` (a UID), in a file with preamble; ``attributes`` are set last (e.g.
+    PhotometricInterpretation="MONOCHROME1")."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = MRImageStorage, generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = pydicom.Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.SeriesInstanceUID = MRImageStorage, meta.MediaStorageSOPInstanceUID, series
+    ds.Modality, ds.Rows, ds.Columns = "MR", pixels.shape[0], pixels.shape[1]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelSpacing, ds.ImageOrientationPatient = [0.5, 0.5], [1, 0, 0, 0, 1, 0]
+    ds.ImagePositionPatient = [-10.0, 5.0, z]
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    for keyword, value in attributes.items():
+        setattr(ds, keyword, value)
+    ds.PixelData = pixels.astype(np.uint16).tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _dicom_series(folder: Path, zs: tuple[float, ...] = (4.0, 0.0, 2.0)) -> list[np.ndarray]:
+    """Slices of 3 x 4 pixels at heights ``zs`` (mm) in files 000.dcm, 001.dcm... named in that
+    (shuffled) order; returns their pixels (10 z + column index)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    uid, pixels = generate_uid(), []
+    for k, z in enumerate(zs):
+        pixels.append(np.full((3, 4), 10 * z, np.uint16) + np.arange(4, dtype=np.uint16))
+        _dicom_slice(folder / f"{k:03d}.dcm", pixels[-1], z, uid)
+    return pixels
+
+
+@pytest.fixture(scope="session")
+def dicom_slice():
+    """``dicom_slice(path, pixels, z, series_uid, slope=1, intercept=0, **attributes) -> path``."""
+    return _dicom_slice
+
+
+@pytest.fixture(scope="session")
+def dicom_series():
+    """``dicom_series(folder, zs=(4.0, 0.0, 2.0)) -> the pixels of each slice``, in file order."""
+    return _dicom_series

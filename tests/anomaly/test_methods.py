@@ -14,7 +14,6 @@ from PIL import Image as PILImage
 
 from medanomaly.anomaly.methods import AnomalyConfig, coarse_noise, foreground, image_score, residual_map
 from medanomaly.apps.cli import main
-from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.foreground import foreground_mask
 from medanomaly.metrics.functional import threshold_at_fpr
 
@@ -57,11 +56,6 @@ def test_coarse_noise_is_seeded():
     assert torch.equal(a, b)
 
 
-def test_unknown_method_lists_valid_keys():
-    with pytest.raises(MedanomalyError, match="denoise, identity, intensity"):
-        AnomalyConfig(method="vae")
-
-
 def test_residual_map_is_zero_for_perfect_reconstruction_and_outside_foreground():
     x = np.zeros((1, 64, 64), np.float32)
     yy, xx = np.mgrid[:64, :64]
@@ -80,16 +74,6 @@ def test_foreground_tensor_matches_postprocess_foreground():
     imgs[:, :, 8:24, 8:24] = 0.8
     fg = foreground(imgs)
     assert fg.shape == (2, 1, 32, 32) and fg[0, 0, 16, 16] == 1 and fg[0, 0, 0, 0] == 0
-
-
-@needs_lgg
-def test_foreground_on_real_flair_slices_covers_the_head():
-    for name in ("TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_12_flair.png",
-                 "TCGA_CS_4943_20000902/TCGA_CS_4943_20000902_10_flair.png"):
-        img = np.asarray(PILImage.open(LGG / name), np.float32) / 255
-        fg = foreground_mask(img, erode=3)
-        assert 0.15 < fg.mean() < 0.75 and fg[128, 128]
-        assert not fg[0, 0] and not fg[-1, -1]
 
 
 def _normal_slices(patients: list[str]) -> list[np.ndarray]:
@@ -159,12 +143,14 @@ def test_anomaly_train_predict_evaluate_end_to_end(lgg_anomaly_data, tmp_path):
 
 
 def test_anomaly_training_without_normal_images_is_a_clear_error(tmp_path, capsys):
+    data = tmp_path / "data"  # the model directory goes beside the data, never inside it
+    data.mkdir()
     for case in ("a", "b", "c"):
         img = np.zeros((32, 32), np.uint8)
         img[8:24, 8:24] = 200
-        PILImage.fromarray(img).save(tmp_path / f"{case}.png")
-        PILImage.fromarray(np.where(img > 0, 255, 0).astype(np.uint8)).save(tmp_path / f"{case}_mask.png")
-    rc = main(["-q", "train", str(tmp_path), "--out", str(tmp_path / "m"), "--task", "anomaly", "--size", "32"])
+        PILImage.fromarray(img).save(data / f"{case}.png")
+        PILImage.fromarray(np.where(img > 0, 255, 0).astype(np.uint8)).save(data / f"{case}_mask.png")
+    rc = main(["-q", "train", str(data), "--out", str(tmp_path / "m"), "--task", "anomaly", "--size", "32"])
     assert rc == 2 and "no normal image" in capsys.readouterr().err
 
 

@@ -11,9 +11,10 @@ import sys
 
 import pytest
 
-from medanomaly.apps.parser import PLANNED, TRAIN_KEYS, build_parser
+from medanomaly.apps.parser import PLANNED, TRAIN_KEYS, Checked, build_parser
 from medanomaly.config import options
-from medanomaly.config.schema import DEMO_MAX_MINUTES, TrainConfig
+from medanomaly.config.rules import item_rule, rules_of
+from medanomaly.config.schema import DEMO_MAX_MINUTES, TrainConfig, rule_of
 from medanomaly.config.sections import GanConfig
 from medanomaly.train.plan import DataFingerprint, MachineInfo, make_plan
 
@@ -112,3 +113,29 @@ def test_building_the_parser_imports_no_torch():
     code = "import sys; from medanomaly.apps.cli import build_parser; build_parser(); print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"  # --help and argument errors answer without the 2-3 s torch import
+
+
+def test_every_flag_that_takes_a_value_is_checked_as_it_is_parsed():
+    """A rule (config.rules, via parser.Checked) or a choices list for each: nothing reaches a command
+    unchecked (tests/apps/test_invalid_flags_property.py drives them with invalid values)."""
+    unchecked = [(c, a.dest) for c, a in _actions()
+                 if a.nargs != 0 and a.dest != "help" and not isinstance(a.type, Checked) and not a.choices]
+    assert unchecked == []
+
+
+def test_config_flags_check_their_keys_rules():
+    for c, a in _actions():
+        if c == "train" and a.dest in TRAIN_KEYS and a.dest != "extra" and isinstance(a.type, Checked):  # a Path
+            assert a.type.rule == item_rule(rule_of(TRAIN_KEYS[a.dest])), a.dest
+    by_dest = {(c, a.dest): a.type for c, a in _actions()}
+    assert by_dest[("synthesize", "max_minutes")].rule == rules_of(GanConfig)["minutes"]
+    assert by_dest[("serve", "port")]("0") == 0 and by_dest[("serve", "port")]("65535") == 65535
+    for text in ("cpu", "cuda", "cuda:1", "auto", "mps"):
+        assert by_dest[("train", "device")](text) == text
+
+
+def test_a_bad_value_is_argparse_error_naming_the_flag(capsys):
+    with pytest.raises(SystemExit) as info:
+        build_parser().parse_args(["train", "DATA", "--out", "M", "--lr", "nan"])
+    assert info.value.code == 2
+    assert "argument --lr: must be a number in (0, 10] (got nan)" in capsys.readouterr().err

@@ -5,10 +5,13 @@ with a tiny model, and every byte of every output is searched: raw files, the de
 content of .gz files and of PNG chunks (IDAT, zTXt, iTXt), regions.json, the file names, and
 everything printed or logged. The volunteer's real identifiers must not appear either.
 
-The DICOM SEG output (``--dicom-seg``) must carry the patient and study identifiers that the
-standard requires to reference its source; it is checked separately: it must hold nothing more
-(no institution, address or station), and it must not be written by default, since
-../shared/data/README.md says identifiers "must not appear in any output by default".
+The one exception, by design and as the README ("Patient privacy") and ``predict --help`` say: for a
+DICOM series, predict writes by default a DICOM SEG (``stem_seg.dcm``; ``--no-dicom-seg`` leaves it
+out) that keeps the patient module (name, ID, birth date, sex) and the study identifiers, which an
+archive needs to file it next to the study. It is checked separately: it must hold nothing more (no
+institution, address or station), no identifier may leave it for another output or a log, and a
+copied value that is not valid for its DICOM type (a birth date "1990-13-45") is written empty, never
+quoted in a message.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import gzip
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import zlib
@@ -30,6 +34,7 @@ from PIL import Image as PILImage
 from medanomaly.apps.cli import build_parser, main
 
 DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
+README = Path(__file__).resolve().parents[2] / "README.md"
 LGG = DATA / "lgg-flair"
 FIELDMAP = DATA / "dicom-series" / "mr-gre-fieldmap-axial"
 pytestmark = pytest.mark.shared_data("dicom-series/mr-gre-fieldmap-axial", "lgg-flair")
@@ -104,19 +109,29 @@ def _leaks(out_dir: Path, needles: list[bytes], texts: list[str]) -> list[str]:
     return found
 
 
-def _marked_series(dst: Path) -> Path:
+def _marked_series(dst: Path, markers: dict[str, str] = MARKERS) -> Path:
     dst.mkdir(parents=True)
-    for f in sorted(FIELDMAP.glob("*.dcm")):
-        ds = pydicom.dcmread(f)
-        for keyword, value in MARKERS.items():
-            setattr(ds, keyword, value)
-        ds.save_as(dst / f.name)
+    settings = pydicom.config.settings
+    modes = settings.reading_validation_mode, settings.writing_validation_mode
+    settings.reading_validation_mode = settings.writing_validation_mode = pydicom.config.IGNORE  # invalid ones too
+    try:
+        for f in sorted(FIELDMAP.glob("*.dcm")):
+            ds = pydicom.dcmread(f)
+            for keyword, value in markers.items():
+                setattr(ds, keyword, value)
+            ds.save_as(dst / f.name)
+    finally:
+        settings.reading_validation_mode, settings.writing_validation_mode = modes
     return dst
 
 
-def _predict_options() -> set[str]:
+def _predict_actions() -> dict[str, object]:
     sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return {o for a in sub.choices["predict"]._actions for o in a.option_strings}
+    return {o: a for a in sub.choices["predict"]._actions for o in a.option_strings}
+
+
+def _predict_options() -> set[str]:
+    return set(_predict_actions())
 
 
 #: predict's flag that leaves the DICOM SEG out (where predict has a SEG output at all)
@@ -183,3 +198,32 @@ def test_dicom_seg_carries_only_the_identifiers_it_needs(tiny_model: Path, tmp_p
     assert not _leaks(tmp_path / "out", extra, [])
     outside = [leak for leak in _leaks(tmp_path / "out", NEEDLES, texts) if not leak.startswith("series_seg.dcm:")]
     assert not outside, outside
+
+
+def test_invalid_birth_date_is_written_empty_and_shown_nowhere(tiny_model: Path, tmp_path: Path, capsys,
+                                                               caplog) -> None:
+    """A birth date that is no valid DICOM date (issue 15: the SEG writer failed and its error, with
+    the value, went to the console and regions.json): the SEG is written with it empty, and the
+    value is in no output (the SEG included), message or log line."""
+    series = _marked_series(tmp_path / "in" / "series", {"PatientBirthDate": "MARKERBD1901"})
+    texts = _predict(tiny_model, series, tmp_path / "out", capsys, caplog)
+    seg = pydicom.dcmread(tmp_path / "out" / "series_seg.dcm")
+    assert seg.PatientBirthDate == "" and seg.PatientName == pydicom.dcmread(series / "00001.dcm").PatientName
+    regions = json.loads((tmp_path / "out" / "regions.json").read_text())
+    assert regions["failed"] == [] and regions["images"][0]["dicom_seg"] == "series_seg.dcm"
+    assert "PatientBirthDate" in caplog.text  # said by keyword
+    leaks = _leaks(tmp_path / "out", [b"MARKERBD", b"MARKER"], texts)
+    assert not leaks, leaks
+
+
+def test_readme_help_and_this_test_say_the_same_about_the_dicom_seg() -> None:
+    """On by default, keeps the patient module, --no-dicom-seg leaves it out: README ("Patient
+    privacy"), predict's help and this module's docstring."""
+    action = _predict_actions()["--dicom-seg"]
+    assert action.default is True
+    section = re.search(r"^## Patient privacy\n(.*?)^## ", README.read_text(encoding="utf-8"),
+                        re.MULTILINE | re.DOTALL)
+    assert section, "README.md has no 'Patient privacy' section"
+    for text in (" ".join(action.help.split()), " ".join(section.group(1).split()), " ".join(__doc__.split())):
+        for phrase in ("by default", "patient module", "--no-dicom-seg", "file it next to the study"):
+            assert phrase in text, (phrase, text)

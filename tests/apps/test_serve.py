@@ -9,6 +9,8 @@ extraction) and tests/apps/test_viewer.py (sessions, masks, outputs).
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import io
 import json
 import os
@@ -232,6 +234,19 @@ def test_only_loopback_host_names_are_answered(client):
     assert client.get("/", headers={"host": "localhost:8000"}).status_code == 200
 
 
+def test_writes_from_the_server_s_own_page_pass(client):
+    """The page's own requests (Origin, or only a Referer, naming this server) and clients that send
+    neither (curl, scripts, this TestClient elsewhere) work; reads are not checked. Requests from other
+    origins are refused 403: tests/apps/test_bad_uploads.py."""
+    for headers in ({"Origin": BASE}, {"Origin": BASE + ":80"}, {"Referer": BASE + "/"}, {}):
+        r = client.post("/api/predict", files={"file": ("s.png", png_bytes(), "image/png")}, headers=headers)
+        assert r.status_code == 200, (headers, r.text)
+        assert client.delete(f"/api/session/{r.json()['session']}", headers=headers).json() == {"deleted": True}
+    assert client.get("/api/info", headers={"Origin": "http://evil.example"}).status_code == 200
+    r = client.post("/api/predict", headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and r.headers["x-content-type-options"] == "nosniff"  # the security headers too
+
+
 def test_is_loopback():  # the upload type checks are in tests/apps/test_uploads.py
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.5")
@@ -246,6 +261,14 @@ def test_cli_serve_arguments(model_dir, capsys):
     finally:
         sock.close()
     assert "choose another --port" in capsys.readouterr().err
+
+
+def test_cli_serve_memory_budget(model_dir, capsys):
+    parse = build_parser().parse_args
+    assert parse(["serve", str(model_dir)]).max_memory_mb is None  # default: half the available memory
+    assert parse(["serve", str(model_dir), "--max-memory-mb", "512"]).max_memory_mb == 512.0
+    assert main(["-q", "serve", str(model_dir), "--port", "0", "--max-memory-mb", "0", "--device", "cpu"]) == 2
+    assert "--max-memory-mb" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------- browser
@@ -270,10 +293,10 @@ return {width: c.width, height: c.height, red: red, hash: sum};
 """
 
 
-@pytest.fixture
-def live_server(model_dir, tmp_path):
+@contextlib.contextmanager
+def serving(app):
+    """``app`` served by uvicorn on a free port of 127.0.0.1: yields its URL."""
     sock = bind("127.0.0.1", 0)
-    app = create_app(model_dir, max_upload_mb=MAX_MB, work_dir=tmp_path / "work")
     server = make_server(app, sock)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -281,10 +304,38 @@ def live_server(model_dir, tmp_path):
     while not server.started and thread.is_alive() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert server.started, "uvicorn did not start"
-    yield f"http://127.0.0.1:{sock.getsockname()[1]}/", app
-    server.should_exit = True
-    thread.join(10)
-    sock.close()
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+@pytest.fixture
+def live_server(model_dir, tmp_path):
+    app = create_app(model_dir, max_upload_mb=MAX_MB, work_dir=tmp_path / "work")
+    with serving(app) as url:
+        yield url, app
+
+
+class _Quiet(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:  # no request lines on stderr
+        pass
+
+
+@pytest.fixture
+def page_elsewhere(tmp_path):
+    """A web page of another origin (another port of this machine), as a hostile site would be."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "index.html").write_text("<!doctype html><title>elsewhere</title><p>hello</p>")
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", 0), lambda *a: _Quiet(*a, directory=str(tmp_path / "elsewhere")))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
 
 
 @pytest.fixture
@@ -365,3 +416,41 @@ def test_browser_upload_overlay_and_threshold_slider(live_server, browser, tmp_p
     if os.environ.get("MEDANOMALY_SCREENSHOT"):  # for a person to look at
         shutil.copy(tmp_path / "viewer.png", os.environ["MEDANOMALY_SCREENSHOT"])
     assert os.listdir(app.state.viewer.upload_dir) == []
+
+
+POST_FROM_PAGE = """
+const done = arguments[arguments.length - 1];
+const form = new FormData();
+form.append("file", new Blob([new Uint8Array(arguments[0])], {type: "image/png"}), "scan.png");
+form.append("keep", "true");
+fetch(arguments[1] + "api/predict", {method: "POST", mode: "no-cors", body: form})
+  .then(() => done("sent"), (e) => done("not sent: " + e));
+"""
+
+
+def test_browser_page_elsewhere_cannot_upload_but_the_viewer_can(model_dir, tmp_path, browser, page_elsewhere):
+    """A page of another origin posts an upload (a no-cors 'simple' request: no preflight, the
+    browser sends it): the server refuses it, 403, by its Origin. The viewer's own page, whose
+    fetch sends its own Origin, still uploads."""
+    app = create_app(model_dir, max_upload_mb=MAX_MB, work_dir=tmp_path / "work")
+    seen: list[tuple[str, str | None, int]] = []
+
+    async def record(request, call_next):  # added last: outermost, sees the refused requests too
+        response = await call_next(request)
+        seen.append((request.method, request.headers.get("origin"), response.status_code))
+        return response
+
+    app.middleware("http")(record)
+    with serving(app) as url:
+        browser.get(page_elsewhere)
+        assert browser.execute_async_script(POST_FROM_PAGE, list(png_bytes()), url) == "sent"  # (opaque answer)
+        assert ("POST", page_elsewhere.rstrip("/"), 403) in seen, seen
+        assert not app.state.viewer.sessions and os.listdir(app.state.viewer.keep_dir) == []
+        (tmp_path / "scan.png").write_bytes(png_bytes())
+        browser.get(url)
+        _wait(browser, "document.getElementById('model').textContent.includes('supervised')", "the model information")
+        browser.find_element("id", "file").send_keys(str(tmp_path / "scan.png"))
+        browser.find_element("id", "upload").click()
+        _wait(browser, OVERLAY_READY, "the overlay")
+        assert ("POST", url.rstrip("/"), 200) in seen, seen  # the page's own fetch names its origin
+        assert len(app.state.viewer.sessions) == 1

@@ -1,24 +1,45 @@
 """The upload checks of ``medanomaly serve`` (medanomaly.apps.uploads) on hand-made bytes: a file's
-kind from its first bytes, the name/content agreement, the safe extraction of zipped DICOM series
-(paths, links, encryption, entry count and size limits) and finding the one series inside."""
+kind from its first bytes, the name/content agreement, the image size a header declares (read
+without decoding), the safe extraction of zipped DICOM series (paths, links, encryption, entry count
+and size limits), finding the one series inside, and the server's private folders (locked while
+their run lives; those of killed runs removed by the next)."""
 
 from __future__ import annotations
 
 import gzip
 import io
+import os
 import shutil
+import signal
 import struct
+import subprocess
+import sys
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
+import tifffile
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
-from medanomaly.apps.uploads import SUFFIX_KINDS, ApiError, _member_path, check_type, extract_zip, find_series, sniff
+from medanomaly.apps.uploads import (
+    ROOT_PREFIX,
+    SUFFIX_KINDS,
+    ApiError,
+    _member_path,
+    check_type,
+    declared_shape,
+    extract_zip,
+    find_series,
+    make_private_root,
+    remove_stale_roots,
+    sniff,
+)
 from medanomaly.core.errors import MedanomalyError
 
 DICOM_HEAD = bytes(128) + b"DICM"
@@ -62,6 +83,13 @@ def test_type_checks():
 ])
 def test_sniff_reads_the_kind_from_the_first_bytes(head: bytes, kind: str | None) -> None:
     assert sniff(head) == kind
+
+
+def test_dicom_file_with_a_tiff_preamble_is_dicom_unless_named_tif() -> None:
+    """Dual-personality files (the shared MR_small.dcm is one): a TIFF header in the DICOM preamble."""
+    dual = b"II*\x00" + bytes(124) + b"DICM"
+    assert sniff(dual) == "dicom" and check_type("IM0001", dual) == ".dcm" and check_type("a.dcm", dual) == ".dcm"
+    assert check_type("a.tif", dual) == ".tif"
 
 
 def test_nifti_magic_with_a_wrong_header_size_is_not_nifti() -> None:
@@ -196,3 +224,114 @@ def test_find_series_wants_exactly_one(tmp_path: Path, shared_data) -> None:
     shutil.copy(dcm, tmp_path / "z" / "s2" / "1.dcm")
     with pytest.raises(MedanomalyError, match=r"up.zip holds 2 DICOM series \(a/s1/, s2/\)"):
         find_series(tmp_path / "z", "up.zip")
+
+
+
+# --- the size a header declares -------------------------------------------------------------------
+
+def _png_declaring(width: int, height: int, colour: int = 0) -> bytes:
+    """A PNG whose header declares width x height (8-bit, colour type ``colour``) and whose pixel
+    data stops after one row: only the header is read."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, colour, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(width + 1)))
+
+
+def _saved(tmp_path: Path, name: str, data: bytes) -> Path:
+    (tmp_path / name).write_bytes(data)
+    return tmp_path / name
+
+
+def test_declared_shape_of_rasters(tmp_path: Path) -> None:
+    assert declared_shape(_saved(tmp_path, "a.png", _png_bytes(64))) == (1, 64, 64)
+    assert declared_shape(_saved(tmp_path, "big.png", _png_declaring(10_000, 10_000))) == (1, 10_000, 10_000)
+    assert declared_shape(_saved(tmp_path, "rgb.png", _png_declaring(30, 20, colour=2))) == (3, 20, 30)
+    buf = io.BytesIO()
+    PILImage.new("RGB", (48, 32)).save(buf, "JPEG", progressive=True, exif=b"Exif\x00\x00" + bytes(3000))
+    assert declared_shape(_saved(tmp_path, "a.jpg", buf.getvalue())) == (3, 32, 48)  # past APP1, progressive SOF2
+    tifffile.imwrite(tmp_path / "a.tif", np.zeros((3, 20, 30), np.uint16), photometric="minisblack")
+    assert declared_shape(tmp_path / "a.tif") == (3, 20, 30)
+
+
+def test_declared_shape_of_volumes_and_dicom(tmp_path: Path, shared_data) -> None:
+    nib.save(nib.Nifti1Image(np.zeros((24, 20, 3), np.float32), np.eye(4)), tmp_path / "v.nii.gz")
+    assert declared_shape(tmp_path / "v.nii.gz") == (24, 20, 3)
+    dcm = shared_data("dicom/MR_small.dcm")
+    header = pydicom.dcmread(dcm, stop_before_pixels=True)
+    rows, cols = int(header.Rows), int(header.Columns)
+    assert declared_shape(Path(shutil.copy(dcm, tmp_path / "one.dcm"))) == (1, rows, cols, 1)
+    (tmp_path / "series").mkdir()
+    for k in range(3):
+        shutil.copy(dcm, tmp_path / "series" / f"{k}.dcm")
+    assert declared_shape(tmp_path / "series") == (3, rows, cols, 1)
+
+
+@pytest.mark.parametrize("name, data", [("cut.png", b"\x89PNG\r\n\x1a\n"), ("x.jpg", b"\xff\xd8\xff"),
+                                        ("x.nii", b"not nifti"), ("x.dcm", bytes(128) + b"DICM"),
+                                        ("x.tif", b"II*\x00")])
+def test_declared_shape_is_none_for_headers_that_do_not_parse(tmp_path: Path, name: str, data: bytes) -> None:
+    assert declared_shape(_saved(tmp_path, name, data)) is None  # the reader will say what is wrong
+
+
+@settings(max_examples=150, deadline=2000)
+@given(name=st.sampled_from(["a.png", "a.jpg"]), body=st.binary(max_size=200))
+def test_declared_shape_of_any_bytes_is_a_shape_or_none(tmp_path_factory, name: str, body: bytes) -> None:
+    """Whatever follows the magic (crafted segment lengths included): a tuple of ints or None, at once."""
+    magic = b"\x89PNG\r\n\x1a\n" if name.endswith(".png") else b"\xff\xd8"
+    shape = declared_shape(_saved(tmp_path_factory.mktemp("any"), name, magic + body))
+    assert shape is None or all(isinstance(d, int) for d in shape)
+
+
+# --- private folders ------------------------------------------------------------------------------
+
+def _stale(base: Path, pid: int = 99_999_999, lock: bool = False) -> Path:
+    """A folder as a dead run (a pid that cannot exist) leaves it, with a kept upload inside."""
+    root = base / f"{ROOT_PREFIX}{pid}-abc"
+    (root / "kept" / "sid").mkdir(parents=True)
+    (root / "kept" / "sid" / "upload.png").write_bytes(b"patient image")
+    if lock:
+        (root / "owner.lock").write_bytes(b"")  # a lock file nobody holds
+    return root
+
+
+@pytest.mark.skipif(os.name != "posix", reason="stale folders are found with flock and pids (POSIX)")
+def test_stale_roots_go_live_ones_stay(tmp_path: Path) -> None:
+    live, fd = make_private_root(tmp_path)
+    try:
+        assert live.name.startswith(f"{ROOT_PREFIX}{os.getpid()}-") and (live / "owner.lock").is_file()
+        assert live.stat().st_mode & 0o777 == 0o700
+        dead, dead_locked = _stale(tmp_path), _stale(tmp_path, 99_999_998, lock=True)
+        starting = tmp_path / f"{ROOT_PREFIX}{os.getpid()}-starting"  # a live pid, no lock file yet
+        old = tmp_path / f"{ROOT_PREFIX}abcd1234"  # no pid in the name: not this code's to judge
+        other = tmp_path / "not-medanomaly"
+        for d in (starting, old, other):
+            d.mkdir()
+        os.symlink(other, tmp_path / f"{ROOT_PREFIX}1-link")  # links are never followed
+        assert remove_stale_roots(tmp_path) == [dead_locked, dead]
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [live.name, starting.name, old.name, other.name, f"{ROOT_PREFIX}1-link"])
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="stale folders are found with flock and pids (POSIX)")
+def test_a_killed_run_leaves_its_folder_and_the_next_run_removes_it(tmp_path: Path) -> None:
+    """A run killed with SIGKILL (no clean-up code runs): its folder stays while it lives, and is
+    removed by the next run's start-up check once it is gone."""
+    code = ("import sys; from pathlib import Path; from medanomaly.apps.uploads import make_private_root; "
+            "root, fd = make_private_root(Path(sys.argv[1])); (root / 'kept').mkdir(); "
+            "(root / 'kept' / 'upload.png').write_bytes(b'x'); print(root, flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        root = Path(proc.stdout.readline().strip())
+        assert (root / "kept" / "upload.png").is_file()
+        assert remove_stale_roots(tmp_path) == [] and root.exists()  # its run is alive
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        proc.stdin.close()
+        proc.stdout.close()
+    assert root.exists()  # a crash leaves it behind...
+    assert remove_stale_roots(tmp_path) == [root] and not root.exists()  # ...until the next start-up

@@ -2,11 +2,15 @@
 stored privately, scored and described; the least-recently-used session cache; the per-session
 cache of masks by threshold; slices, region lists and mask files; the private folders' lifetime.
 The model is a tiny random U-Net (tests/conftest.py ``make_model_dir``): its scores vary over the
-image, and the checks compare with ``score > threshold`` computed here."""
+image, and the checks compare with ``score > threshold`` computed here. Also: the memory budget
+(sessions dropped to make room, MemoryError as 503) and the removal, at start-up, of the private
+folders that killed runs left behind."""
 
 from __future__ import annotations
 
 import io
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +19,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image as PILImage
 
-from medanomaly.apps.uploads import ApiError
-from medanomaly.apps.viewer import MAX_MASKS_PER_SESSION, Viewer, _display_name, _file_stem, _threshold_key
+from medanomaly.apps.uploads import ROOT_PREFIX, ApiError
+from medanomaly.apps.viewer import (
+    BYTES_PER_VALUE,
+    MAX_MASKS_PER_SESSION,
+    Viewer,
+    _display_name,
+    _file_stem,
+    _threshold_key,
+    available_memory,
+    memory_budget,
+)
 from medanomaly.core.errors import MedanomalyError
 
 
@@ -149,3 +162,63 @@ def test_names_and_threshold_keys() -> None:
 def test_display_names_are_short_printable_base_names(filename: str | None) -> None:
     name = _display_name(filename)
     assert 0 < len(name) <= 120 and name.isprintable() and "/" not in name and "\\" not in name
+
+
+
+# --- memory ---------------------------------------------------------------------------------------
+
+def test_memory_budget_default_and_flag(model) -> None:
+    assert abs(memory_budget(None) - available_memory() // 2) < 512 * 2**20  # (memory moves a little meanwhile)
+    assert memory_budget(1.5) == int(1.5 * 2**20)
+    for bad in (0, -1, float("nan"), float("inf")):
+        with pytest.raises(MedanomalyError, match="--max-memory-mb must be a positive number of MB"):
+            memory_budget(bad)
+    with pytest.raises(MedanomalyError, match="--max-memory-mb"):
+        Viewer(model, max_memory_mb=0)
+
+
+def test_old_sessions_make_room_for_a_new_analysis(model, tmp_path) -> None:
+    """A 30x40 grey upload needs 1200 x BYTES_PER_VALUE bytes to analyse; a stored session holds its
+    image, score and mask cache. With room for one analysis beside one session, the third upload
+    drops the least recently used session (max_sessions alone would keep all three)."""
+    per_session = 1200 * 4 + 1200 * 4 + MAX_MASKS_PER_SESSION * 1200
+    budget = 1200 * BYTES_PER_VALUE + per_session + 100
+    v = Viewer(model, max_upload_mb=1, max_sessions=8, work_dir=tmp_path / "work", max_memory_mb=budget / 2**20)
+    try:
+        a, b = (v.analyse(_png(seed=k), f"{k}.png")["session"] for k in range(2))
+        assert list(v.sessions) == [a, b]  # the second analysis fits beside the first session
+        c = v.analyse(_png(seed=2), "2.png")["session"]
+        assert list(v.sessions) == [b, c] and not v._running
+    finally:
+        v.close()
+
+
+def test_memory_error_is_503_and_frees_its_reservation(viewer, monkeypatch) -> None:
+    def no_memory(image):
+        raise MemoryError("Unable to allocate 8.00 GiB for an array")
+
+    monkeypatch.setattr(viewer.predictor, "scores", no_memory)
+    with pytest.raises(ApiError, match="not enough memory to analyse scan.png now; retry in a moment") as exc:
+        viewer.analyse(_png(), "scan.png")
+    assert exc.value.status == 503 and exc.value.headers["Retry-After"]
+    assert "GiB" not in exc.value.message and not viewer._running and list(viewer.upload_dir.iterdir()) == []
+
+
+# --- folders of earlier runs ------------------------------------------------------------------------
+
+@pytest.mark.skipif(os.name != "posix", reason="stale folders are found with flock and pids (POSIX)")
+def test_start_up_removes_what_killed_runs_left_with_a_log_line(model, tmp_path, caplog) -> None:
+    work = tmp_path / "work"
+    live = Viewer(model, max_upload_mb=1, work_dir=work)  # a run still going: left alone
+    stale = work / f"{ROOT_PREFIX}99999999-x1y2"  # a pid that cannot exist: its run is gone
+    (stale / "kept" / "sid").mkdir(parents=True)
+    (stale / "kept" / "sid" / "upload.nii.gz").write_bytes(b"a kept patient volume")
+    with caplog.at_level(logging.INFO, logger="medanomaly.apps.serve"):
+        v = Viewer(model, max_upload_mb=1, work_dir=work)
+    try:
+        assert not stale.exists() and live.root.exists() and v.root.exists()
+        assert "removed 1 folder(s) that earlier serve runs left behind" in caplog.text and str(stale) in caplog.text
+    finally:
+        v.close()
+        live.close()
+    assert sorted(work.iterdir()) == []

@@ -4,19 +4,28 @@ intensity baseline read it back. Tiny 32x32 phantoms, random-weight networks."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from medanomaly.calibrate.search import calibrate_and_save, fit_intensity_baseline, recalibrate
+from medanomaly.calibrate import search as search_mod
+from medanomaly.calibrate.search import (
+    calibrate_and_save,
+    calibrate_model,
+    fit_intensity_baseline,
+    recalibrate,
+)
 from medanomaly.calibrate.thresholds import MIN_SIZES, THRESHOLDS
 from medanomaly.config import schema
 from medanomaly.config.model_file import TrainingSummary, read_model_file
 from medanomaly.config.sections import AnomalyConfig, PostprocessParams
+from medanomaly.core.errors import MedanomalyError
 from medanomaly.infer.predictor import Predictor
 
 
@@ -83,3 +92,77 @@ def test_intensity_baseline_is_a_model_directory_of_its_own(tmp_path, data, make
     assert mf.training.best_epoch == -1 and math.isnan(mf.training.best_val_score)
     assert (base / "splits.json").read_text() == (out / "splits.json").read_text()
     assert isinstance(mf.postprocess, PostprocessParams) and Predictor(base).model is None
+
+
+def test_the_model_file_is_written_last_with_the_weights_hash(tmp_path, data, make_model_dir, monkeypatch):
+    """While the val predictions run, no model.json exists (the predictor runs on the model file in
+    memory); the one written at the end records the SHA-256 of the model.pt that was calibrated."""
+    out, cfg = _model(tmp_path, data, make_model_dir)
+    seen = []
+    real = search_mod.val_predictions
+
+    def spy(*args, **kwargs):
+        seen.append((out / "model.json").exists())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_mod, "val_predictions", spy)
+    calibrate_and_save(out, cfg, data, 1, 0, 0.5, torch.device("cpu"), progress=False)
+    assert seen == [False]
+    assert read_model_file(out).weights_sha256 == hashlib.sha256((out / "model.pt").read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("task", ["supervised", "anomaly"])
+def test_a_failed_calibration_leaves_no_model_file(tmp_path, data, make_model_dir, monkeypatch, task):
+    out, cfg = _model(tmp_path, data, make_model_dir, task=task)
+    before = sorted(p.name for p in out.iterdir())
+
+    def fail(*args, **kwargs):
+        raise ValueError("the searches failed")
+
+    monkeypatch.setattr(search_mod, "calibrate_anomaly" if task == "anomaly" else "search", fail)
+    with pytest.raises(ValueError, match="the searches failed"):
+        calibrate_and_save(out, cfg, data, 1, 0, 0.5, torch.device("cpu"), progress=False)
+    assert sorted(p.name for p in out.iterdir()) == before  # no model.json, pending or otherwise
+
+
+def test_recalibration_completes_an_interrupted_run_from_its_checkpoint(tmp_path, data, make_model_dir):
+    """No model.json: the training summary comes from checkpoint.pt, the channels from the data, and
+    the result equals the calibration training would have written."""
+    out, cfg = _model(tmp_path, data, make_model_dir)
+    schema.save(replace(cfg, epochs=3), out / "config.json")
+    torch.save({"epoch": 2, "step": 9, "best": 0.25, "best_epoch": 1, "elapsed": 3.0, "bad_epochs": 1},
+               out / "checkpoint.pt")
+    (out / ".tmp-model-x.json").write_text("{")  # a write cut off by a kill
+    recalibrate(out, data, progress=False)
+    mf = read_model_file(out)
+    assert (mf.training.best_epoch, mf.training.best_val_score, mf.input.channels) == (1, 0.25, 1)
+    assert not list(out.glob(".tmp-*"))
+    done = tmp_path / "done"
+    shutil.copytree(out, done)
+    (done / "model.json").unlink()
+    calibrate_and_save(done, replace(cfg, epochs=3), data, 1, 1, 0.25, torch.device("cpu"), progress=False)
+    assert read_model_file(done) == mf
+
+
+def test_recalibration_is_refused_while_the_training_has_not_ended(tmp_path, data, make_model_dir):
+    out, cfg = _model(tmp_path, data, make_model_dir)
+    schema.save(replace(cfg, epochs=3, max_minutes=0), out / "config.json")
+    torch.save({"epoch": 0, "step": 3, "best": 0.25, "best_epoch": 0, "elapsed": 1.0, "bad_epochs": 0},
+               out / "checkpoint.pt")
+    with pytest.raises(MedanomalyError, match=f"stopped after epoch 1 of 3.*'medanomaly train DATA --out {out} --resume'"):
+        recalibrate(out, data, progress=False)
+    assert not (out / "model.json").exists()
+
+
+def test_calibrate_replaces_a_finished_model_file_only_when_asked(tmp_path, data, make_model_dir):
+    out, _ = _model(tmp_path, data, make_model_dir)
+    calibrate_model(out, data, progress=False)  # unfinished: completed
+    first = read_model_file(out)
+    with pytest.raises(MedanomalyError, match="already holds a model file.*--overwrite"):
+        calibrate_model(out, data, progress=False)
+    assert calibrate_model(out, data, overwrite=True, progress=False) == first.postprocess
+    pending = json.loads((out / "model.json").read_text())
+    pending["calibration"] = {"status": "pending"}  # an earlier release's interrupted calibration
+    (out / "model.json").write_text(json.dumps(pending))
+    calibrate_model(out, data, progress=False)  # completed without --overwrite
+    assert read_model_file(out) == first

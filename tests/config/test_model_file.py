@@ -18,8 +18,10 @@ from medanomaly.config.model_file import (
     ModelFile,
     TrainingSummary,
     build_model_file,
+    is_pending,
     network_out_channels,
     read_model_file,
+    unfinished,
     write_model_file,
 )
 from medanomaly.config.schema import TrainConfig
@@ -201,3 +203,58 @@ def test_model_file_checks_its_own_sections():
     intensity = build_model_file(_cfg(task="anomaly", anomaly=AnomalyConfig(method="intensity")), 1,
                                  PostprocessParams(), TRAINING, {})
     assert not intensity.has_network
+
+
+SHA = "0123456789abcdef" * 4
+
+
+def test_the_weights_hash_is_recorded_last_and_read_back(tmp_path):
+    mf = build_model_file(_cfg(), 1, PostprocessParams(), TRAINING, {}, SHA)
+    write_model_file(mf, tmp_path)
+    data = json.loads((tmp_path / "model.json").read_text())
+    assert list(data)[-2:] == ["config", "weights"] and data["weights"] == {"file": "model.pt", "sha256": SHA}
+    assert read_model_file(tmp_path) == mf and read_model_file(tmp_path).weights_sha256 == SHA
+    assert "weights" not in build_model_file(_cfg(), 1, PostprocessParams(), TRAINING, {}).to_dict()  # not recorded
+
+
+@pytest.mark.parametrize("weights, expected", [
+    ({"file": "model.pt", "sha256": "abc"}, "weights.sha256 'abc' is not a SHA-256"),
+    ({"file": "model.pt", "sha256": SHA.upper()}, "is not a SHA-256"),
+    ({"file": "../other.pt", "sha256": SHA}, "expected {'file': 'model.pt'"),
+    ({"file": "model.pt", "sha256": SHA, "size": 1}, "expected {'file': 'model.pt'"),
+    ("model.pt", "weights is 'model.pt'"),
+])
+def test_a_damaged_weights_record_is_a_clear_error(tmp_path, weights, expected):
+    d = _edited(tmp_path, lambda data: data.update(weights=weights))
+    with pytest.raises(MedanomalyError, match=re.escape(expected)):
+        read_model_file(d)
+
+
+def test_a_pending_calibration_is_refused_unless_asked_for(tmp_path):
+    """Earlier releases wrote model.json before calibrating, with a placeholder threshold."""
+    d = _edited(tmp_path, lambda data: data.update(calibration={"status": "pending"}))
+    assert is_pending(json.loads((d / "model.json").read_text()))
+    with pytest.raises(MedanomalyError, match=f"calibration was interrupted.*'medanomaly calibrate {d} --data DATA'"):
+        read_model_file(d)
+    assert read_model_file(d, finished=False).calibration == {"status": "pending"}  # what calibrate completes
+
+
+@pytest.mark.parametrize("files, expected", [
+    ({"model.pt", "checkpoint.pt", "config.json"}, "training or its calibration was interrupted.*calibrate.*--resume"),
+    ({"model.pt"}, "training or its calibration was interrupted"),
+    ({"checkpoint.pt", "config.json"}, "its training was interrupted \\(no model.pt\\).*--resume"),
+    ({"config.json", "splits.json"}, "before its first epoch ended.*'medanomaly train DATA --out"),
+    ({"splits.json"}, "before its first epoch ended"),
+])
+def test_an_unfinished_directory_names_the_command_that_completes_it(tmp_path, files, expected):
+    for name in files:
+        (tmp_path / name).write_text("{}")
+    assert re.search(expected, unfinished(tmp_path))
+    with pytest.raises(MedanomalyError, match=expected):
+        read_model_file(tmp_path)
+
+
+def test_an_unfinished_intensity_baseline_is_completed_by_calibrate(tmp_path):
+    schema.save(_cfg(task="anomaly", anomaly=AnomalyConfig(method="intensity")), tmp_path / "config.json")
+    assert f"'medanomaly calibrate {tmp_path} --data DATA'" in unfinished(tmp_path)
+    assert unfinished(tmp_path / "absent") is None and unfinished(tmp_path.parent / "nothing") is None

@@ -14,14 +14,13 @@ from medanomaly.config.schema import (
     from_dict,
     load,
     pretrain_budget,
+    rule_of,
     save,
     with_changes,
 )
-from medanomaly.config.sections import GanConfig
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.augment import AugmentConfig
 from medanomaly.models.unet import UNetConfig
-from medanomaly.train.gan import GanConfig as FromGan
 
 
 def test_defaults_valid():
@@ -173,16 +172,46 @@ def test_pretrain_budget_splits_time_and_epochs():
     assert pretrain_budget(with_changes(cfg, epochs=1))[2] == 1  # at least one pretraining epoch
 
 
-def test_unet_dim_is_2_or_3():
-    with pytest.raises(ValueError, match="dim must be 2 or 3"):
-        UNetConfig(dim=4)
-    with pytest.raises(MedanomalyError, match="dim must be 2 or 3"):
-        load(None, {"model.dim": 1})
+@pytest.mark.parametrize(("content", "says"), [
+    ({"lr": "fast"}, r"^config file .*c\.json: lr must be a number in \(0, 10\] \(got 'fast'\)$"),
+    ({"batch_size": 2.5}, r"batch_size must be an integer in \[1, 4096\] \(got 2\.5\)"),
+    ({"epochs": True}, r"epochs must be an integer in \[1, 1000000\] \(got True\)"),
+    ({"model": None}, r"model must be an object of model settings \(got None\)"),
+    ({"augment": []}, r"augment must be an object of augment settings \(got \(\)\)"),
+    ({"model": {"width": 0}, "lr": -1}, r"model\.width must be .* \(got 0\); lr must be .* \(got -1\)"),
+])
+def test_file_values_follow_their_rules_and_errors_name_the_file(tmp_path, content, says) -> None:
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(MedanomalyError, match=says):
+        load(path)
 
 
-def test_gan_config_lives_in_config_and_validates():
-    assert FromGan is GanConfig  # one class: the CLI quotes its defaults without importing torch
-    with pytest.raises(MedanomalyError, match="unknown precision 'fp8'; valid: auto, bf16, fp32"):
-        GanConfig(precision="fp8")
-    with pytest.raises(MedanomalyError, match="size is 8 but must be >= 16"):
-        GanConfig(size=8)
+def test_override_values_follow_their_rules() -> None:
+    with pytest.raises(MedanomalyError, match=r"^anomaly\.noise_std must be a number in \[0, 100\] \(got -1\)$"):
+        load(None, {"anomaly.noise_std": -1})
+    with pytest.raises(MedanomalyError, match=r"synthetic_lesions must be a number in \[0, 1\] \(got 2\)"):
+        with_changes(TrainConfig(), synthetic_lesions=2)
+
+
+@pytest.mark.parametrize(("raw", "says"), [
+    (b'{"lr": "\xe9"}', r"it is not UTF-8 text \(byte 0xe9 at position 8\); save it as UTF-8 JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "it is not valid JSON"),
+    (b"x" * ((1 << 20) + 1), r"1048577 bytes is too large for one \(at most 1048576\)"),
+    (b'"lr"', "must hold a JSON object of settings .*not a JSON str"),
+])
+def test_unreadable_config_files_are_one_clear_line(tmp_path, raw, says) -> None:
+    path = tmp_path / "c.json"
+    path.write_bytes(raw)
+    with pytest.raises(MedanomalyError, match=says):
+        load(path)
+
+
+def test_a_byte_order_mark_is_fine(tmp_path) -> None:
+    path = tmp_path / "c.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"lr": 0.01}).encode())  # as Windows editors save UTF-8
+    assert load(path).lr == 0.01
+
+
+def test_rule_of_reaches_into_the_sections() -> None:
+    assert rule_of("model.width").ge == 1 and rule_of("lr").gt == 0 and rule_of("model").section is UNetConfig

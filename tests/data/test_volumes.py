@@ -1,5 +1,6 @@
-"""3D training and inference: the patch sampler, sliding-window inference (and its agreement with
-MONAI's), resampling, and end-to-end runs on the real volumes of ../shared/data (skipped without it)."""
+"""Tests for medanomaly.data.volumes: the patch sampler, resampling, slices stacked into volumes, and
+end-to-end 3D runs on the real volumes of ../shared/data (skipped without it). Sliding-window
+inference: tests/infer/test_sliding.py."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from medanomaly.data.volumes import (
     resampled_shape,
     sample_patches,
 )
-from medanomaly.infer.sliding import gaussian_importance, sliding_window, window_starts
+from medanomaly.infer.predictor import Predictor
+from medanomaly.io import read_image
 
 DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 VOLUMES, IXI, LGG = DATA / "volumes", DATA / "volumes" / "ixi-t1-healthy", DATA / "lgg-flair"
@@ -73,39 +75,6 @@ def test_small_volumes_are_zero_padded():
     assert torch.all((x == 0) | (x == 7)) and int((x == 7).sum(dim=(1, 2, 3, 4)).min()) == 3 * 10 * 12
     assert torch.equal(y.bool(), x[:, :1] == 7)
     assert torch.equal(crop(vol.image, (0, 0, 0), (3, 10, 12)), vol.image)
-
-
-# ---- sliding window -----------------------------------------------------------------------------
-
-def test_sliding_window_with_identity_forward_returns_the_input():
-    z, y, x = torch.meshgrid(torch.arange(13.0), torch.arange(29.0), torch.arange(31.0), indexing="ij")
-    field = torch.stack([0.5 * z - 0.2 * y + 0.1 * x + 3.0, torch.full_like(z, 2.5)])  # linear and constant
-    out = sliding_window(field, (8, 16, 16), lambda b: b.clone(), overlap=0.5, batch=3)
-    assert out.shape == field.shape
-    torch.testing.assert_close(out, field, rtol=0, atol=1e-5)
-    small = sliding_window(field[:, :5, :7, :9], (8, 16, 16), lambda b: b * 2, batch=2)  # smaller than the patch
-    torch.testing.assert_close(small, 2 * field[:, :5, :7, :9], rtol=0, atol=1e-5)
-
-
-def test_sliding_window_output_channels_and_windows():
-    vol = torch.rand(2, 11, 17, 23)
-    out = sliding_window(vol, (4, 8, 8), lambda b: b.sum(1, keepdim=True).repeat(1, 3, 1, 1, 1), overlap=0.25)
-    assert out.shape == (3, 11, 17, 23)
-    assert window_starts(17, 8, 0.5) == [0, 4, 8, 9] and window_starts(8, 8, 0.5) == [0]
-    w = gaussian_importance((5, 8, 8))
-    assert w.shape == (5, 8, 8) and float(w.min()) > 0 and float(w.max()) <= 1
-
-
-def test_sliding_window_equals_monai():
-    inferers = pytest.importorskip("monai.inferers", reason="MONAI (bench extra) not installed")
-    torch.manual_seed(0)
-    conv = torch.nn.Conv3d(2, 3, 3, padding=1)
-    for shape, patch, overlap in (((2, 13, 40, 37), (8, 16, 16), 0.5), ((2, 5, 20, 70), (8, 32, 32), 0.25)):
-        vol = torch.rand(shape)
-        with torch.no_grad():
-            ours = sliding_window(vol, patch, conv, overlap, batch=4)
-            theirs = inferers.sliding_window_inference(vol[None], patch, 4, conv, overlap=overlap, mode="gaussian")[0]
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
 
 
 # ---- resampling ---------------------------------------------------------------------------------
@@ -194,9 +163,6 @@ def _check_onnx_3d(model: Path, volume: Path, tmp_path: Path) -> None:
     pytest.importorskip("onnx")
     import SimpleITK as sitk
 
-    from medanomaly.infer.predictor import Predictor
-    from medanomaly.io import read_image
-
     _run("export", str(model))
     doc = json.loads((model / "model.onnx.json").read_text())
     assert doc["input"]["shape"] == ["N", 1, 16, 32, 32] and doc["input"]["layout"].startswith("NCDHW")
@@ -235,29 +201,3 @@ def test_anomaly_3d_on_healthy_ixi_volumes_keeps_the_affine(tmp_path):
         np.testing.assert_array_equal(out.affine, src.affine)
     score = nib.load(tmp_path / "pred" / f"{keys[2]}_score.nii.gz").get_fdata()
     assert np.isfinite(score).all() and score.max() > 0
-
-
-@needs["lgg"]
-def test_3d_on_lgg_patient_folders_stacks_and_writes_per_slice(tmp_path):
-    from medanomaly.apps.api import train
-    from medanomaly.config import schema as config
-    from medanomaly.evaluate.score import evaluate_model
-    from medanomaly.infer.run import predict_paths
-
-    splits = json.loads((LGG / "splits.json").read_text())
-    picked = {k: splits[k][:1] for k in ("train", "val", "test")}
-    data = tmp_path / "lgg"
-    data.mkdir()
-    for ids in picked.values():
-        (data / ids[0]).symlink_to(LGG / ids[0])
-    (tmp_path / "splits.json").write_text(json.dumps(picked))
-    cfg = config.load(None, {"model.dim": 3, "model.width": 4, "model.depth": 2, "model.norm": "instance",
-                             "epochs": 1, "patches_per_epoch": 2, "patch": (8, 32, 32), "spacing": (1.0, 4.0, 4.0)})
-    train(data, tmp_path / "model", cfg, tmp_path / "splits.json", progress=False)
-    summary = evaluate_model(tmp_path / "model", data, tmp_path / "eval", split="test", progress=False)
-    n_slices = len(list((data / picked["test"][0]).glob("*_flair.png")))
-    assert summary["n_cases"] == 1 and summary["n_images"] == n_slices
-    written = sorted((tmp_path / "eval" / "predictions" / picked["test"][0]).glob("*_pred.png"))
-    assert len(written) == n_slices
-    res = predict_paths(tmp_path / "model", [data / picked["test"][0]], tmp_path / "pred", progress=False)
-    assert res["n_ok"] == n_slices and not res["failed"]

@@ -19,7 +19,6 @@ pytest.importorskip("onnx")  # torch.onnx.export (dynamo=False) needs it
 
 from medanomaly.core.errors import MedanomalyError  # noqa: E402
 from medanomaly.infer.export import export_onnx, sidecar_path  # noqa: E402
-from medanomaly.infer.onnx_runtime import OnnxBackend  # noqa: E402
 from medanomaly.infer.predictor import Predictor  # noqa: E402
 from medanomaly.io import Geometry, Image, read_image  # noqa: E402
 from medanomaly.postprocess.ops import PostprocessParams  # noqa: E402
@@ -29,22 +28,13 @@ LGG = DATA / "lgg-flair"
 ATOL = 1e-4
 
 
-
-
 def raster(array: np.ndarray, name: str = "x.png") -> Image:
     geo = Geometry("raster", (1.0, 1.0), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0), False, meta={"dtype": "uint8"})
     return Image(np.ascontiguousarray(array, dtype=np.float32), geo, Path(name))
 
 
-@pytest.fixture(scope="module")
-def supervised(tmp_path_factory, make_model_dir) -> Path:
-    model_dir = make_model_dir(tmp_path_factory.mktemp("sup") / "model")
-    export_onnx(model_dir)
-    return model_dir
-
-
-def test_export_writes_onnx_and_sidecar(supervised):
-    onnx_path = supervised / "model.onnx"
+def test_export_writes_onnx_and_sidecar(exported_model):
+    onnx_path = exported_model / "model.onnx"
     assert onnx_path.is_file() and sidecar_path(onnx_path).name == "model.onnx.json"
     doc = json.loads(sidecar_path(onnx_path).read_text())
     assert doc["format"] == "medanomaly-onnx" and doc["task"] == "supervised"
@@ -55,31 +45,12 @@ def test_export_writes_onnx_and_sidecar(supervised):
     assert doc["postprocess"] == PostprocessParams().to_dict()
     assert doc["onnx"]["check"]["max_abs_diff_vs_pytorch_fp32"] < ATOL
     assert len(doc["model_pt_sha256"]) == 64 and len(doc["onnx"]["sha256"]) == 64
-    assert [p.name for p in supervised.iterdir() if p.name.startswith(".tmp")] == []  # atomic writes
+    assert [p.name for p in exported_model.iterdir() if p.name.startswith(".tmp")] == []  # atomic writes
 
 
-def test_onnx_equals_torch_on_random_batches(supervised):
-    """Dynamic batch axis; logits and probabilities equal the fp32 PyTorch network's."""
-    session = ort.InferenceSession(str(supervised / "model.onnx"), providers=["CPUExecutionProvider"])
-    (inp,), (out,) = session.get_inputs(), session.get_outputs()
-    assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(float)", [1, 32, 32])
-    assert out.name == "logits"
-    net = Predictor(supervised, "cpu").model
-    forward = OnnxBackend(session)
-    gen = torch.Generator().manual_seed(1)
-    for n in (1, 5):
-        x = torch.rand(n, 1, 32, 32, generator=gen)
-        with torch.no_grad():
-            expected = net(x)
-        got = forward(x)
-        assert got.shape == (n, 1, 32, 32) and got.dtype == torch.float32
-        np.testing.assert_allclose(got.numpy(), expected.numpy(), atol=ATOL, rtol=0)
-        np.testing.assert_allclose(torch.sigmoid(got).numpy(), torch.sigmoid(expected).numpy(), atol=ATOL, rtol=0)
-
-
-def test_runner_scores_equal_predictor(supervised):
+def test_runner_scores_equal_predictor(exported_model):
     """Full path (normalise, resize, network, resize back) on an 8-bit 2D image and a small volume."""
-    runner, predictor = Predictor(supervised, runtime="onnx"), Predictor(supervised, "cpu")
+    runner, predictor = Predictor(exported_model, runtime="onnx"), Predictor(exported_model, "cpu")
     assert predictor.precision == "fp32"
     with torch.no_grad():  # the runner's torch network must be unused: break it
         for p in runner.model.parameters():
@@ -93,12 +64,13 @@ def test_runner_scores_equal_predictor(supervised):
 
 
 @pytest.mark.shared_data("lgg-flair")
-def test_runner_equals_predictor_on_a_real_lgg_slice(supervised):
+def test_runner_equals_predictor_on_a_real_lgg_slice(exported_model):
     patient = sorted(p for p in LGG.iterdir() if p.is_dir())[0]
     slices = sorted(patient.glob("*_flair.png"), key=lambda p: int(p.stem.split("_")[-2]))
     path = slices[len(slices) // 2]  # a mid-brain slice
     image = read_image(path)
-    got, expected = Predictor(supervised, runtime="onnx").scores(image), Predictor(supervised, "cpu").scores(image)
+    got = Predictor(exported_model, runtime="onnx").scores(image)
+    expected = Predictor(exported_model, "cpu").scores(image)
     assert got.shape == image.spatial_shape == (256, 256)
     np.testing.assert_allclose(got, expected, atol=ATOL, rtol=0)
 
@@ -161,16 +133,3 @@ def test_other_norms_export(tmp_path, norm, make_model_dir):
     image = raster(np.random.default_rng(5).integers(0, 256, (1, 64, 64)))
     np.testing.assert_allclose(Predictor(model_dir, runtime="onnx").scores(image),
                                Predictor(model_dir, "cpu").scores(image), atol=ATOL, rtol=0)
-
-
-def test_runner_refuses_a_missing_foreign_or_stale_onnx(tmp_path, supervised, make_model_dir):
-    model_dir = make_model_dir(tmp_path / "other", size=48)
-    with pytest.raises(MedanomalyError, match="medanomaly export"):
-        Predictor(model_dir, runtime="onnx")
-    with pytest.raises(MedanomalyError, match="does not match"):
-        Predictor(model_dir, runtime="onnx", onnx_path=supervised / "model.onnx")  # exported for size 32
-    export_onnx(model_dir)
-    Predictor(model_dir, runtime="onnx")
-    make_model_dir(model_dir, size=48, seed=1)  # retrained into the same folder: model.onnx is stale
-    with pytest.raises(MedanomalyError, match="re-export"):
-        Predictor(model_dir, runtime="onnx")

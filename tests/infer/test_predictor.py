@@ -5,6 +5,7 @@ previous release (tests/fixtures/model-v1, made by commit b9f2d7b) predict ident
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,18 +14,16 @@ import torch
 import torch.nn.functional as F
 
 from medanomaly.anomaly.methods import residual_map
-from medanomaly.config.model_file import TrainingSummary, build_model_file, read_model_file, write_model_file
-from medanomaly.config.schema import TrainConfig
-from medanomaly.config.sections import AnomalyConfig, PostprocessParams, UNetConfig
+from medanomaly.config.model_file import read_model_file, write_model_file
+from medanomaly.config.sections import AnomalyConfig
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.slices import normalize, resize
 from medanomaly.data.volumes import resample
-from medanomaly.infer.backend import TorchBackend
+from medanomaly.infer.backend import TorchBackend, weights_sha256
 from medanomaly.infer.export import export_onnx
 from medanomaly.infer.predictor import Predictor, probability, score_batch
 from medanomaly.infer.sliding import sliding_window
 from medanomaly.io import Geometry, Image, read_image
-from medanomaly.models.unet import UNet
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "model-v1"
 PATCH, SPACING = (8, 16, 16), (2.0, 2.0, 2.0)
@@ -41,17 +40,6 @@ def volume(shape: tuple[int, int, int] = (10, 20, 24), seed: int = 0) -> Image:
     a = np.random.default_rng(seed).random((1, *shape)).astype(np.float32) * 900
     geo = Geometry("nifti", (2.0, 1.0, 1.0), (0.0, 0.0, 0.0), tuple(np.eye(3).ravel()), True)
     return Image(a, geo, Path("v.nii.gz"))
-
-
-def model_3d(path: Path, task: str = "supervised", method: str = "denoise") -> Path:
-    """A 3D model directory as train writes it, random weights, fp32."""
-    cfg = TrainConfig(size=32, model=UNetConfig(dim=3, width=4, depth=2, norm="instance"), task=task,
-                      precision="fp32", patch=PATCH, spacing=SPACING, anomaly=AnomalyConfig(method=method))
-    mf = build_model_file(cfg, 1, PostprocessParams(), TrainingSummary(), {})
-    write_model_file(mf, path)
-    torch.manual_seed(0)
-    torch.save(UNet(mf.model).state_dict(), path / "model.pt")
-    return path
 
 
 @pytest.mark.parametrize("name", ["supervised", "anomaly"])
@@ -99,8 +87,8 @@ def test_2d_path_is_the_network_on_resized_slices(tmp_path, make_model_dir):
         np.testing.assert_allclose(got[k], p.scores(raster(vol.array[:, k])), atol=1e-6, rtol=0)
 
 
-def test_3d_path_is_sliding_windows_at_the_training_spacing(tmp_path):
-    p = Predictor(model_3d(tmp_path))
+def test_3d_path_is_sliding_windows_at_the_training_spacing(tmp_path, make_model_dir_3d):
+    p = Predictor(make_model_dir_3d(tmp_path, patch=PATCH, spacing=SPACING))
     assert (p.dim, tuple(p.patch), tuple(p.spacing)) == (3, PATCH, SPACING)
     image = volume()
     a = normalize(image.array, "auto", "nifti", None)
@@ -115,8 +103,8 @@ def test_3d_path_is_sliding_windows_at_the_training_spacing(tmp_path):
     assert flat.shape == (20, 24) and np.isfinite(flat).all()
 
 
-def test_3d_anomaly_map_is_the_residual_of_the_sliding_window_reconstruction(tmp_path):
-    p = Predictor(model_3d(tmp_path, task="anomaly"))
+def test_3d_anomaly_map_is_the_residual_of_the_sliding_window_reconstruction(tmp_path, make_model_dir_3d):
+    p = Predictor(make_model_dir_3d(tmp_path, task="anomaly", patch=PATCH, spacing=SPACING))
     image = volume(seed=3)
     x = resample(normalize(image.array, "auto", "nifti", None), (10, 10, 12))
     with torch.no_grad():
@@ -151,15 +139,56 @@ def test_intensity_method_has_no_network_on_either_runtime(tmp_path, make_model_
     np.testing.assert_array_equal(torch_p.scores(image), onnx_p.scores(image))
 
 
-def test_torch_and_onnx_backends_agree_in_2d_and_3d(tmp_path, make_model_dir):
+def test_torch_and_onnx_backends_agree_in_2d_and_3d(tmp_path, make_model_dir, make_model_dir_3d):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
     rng = np.random.default_rng(5)
     cases = [(make_model_dir(tmp_path / "2d"), raster(rng.integers(0, 256, (1, 45, 37)))),
-             (model_3d(tmp_path / "3d"), volume(seed=6))]
+             (make_model_dir_3d(tmp_path / "3d", patch=PATCH, spacing=SPACING), volume(seed=6))]
     for model_dir, image in cases:
         export_onnx(model_dir)
         torch_p, onnx_p = Predictor(model_dir), Predictor(model_dir, runtime="onnx")
         assert onnx_p.precision == "fp32" and onnx_p.dim == torch_p.dim
         np.testing.assert_allclose(onnx_p.scores(image), torch_p.scores(image), atol=1e-4, rtol=0)
         np.testing.assert_array_equal(onnx_p.predict(image).mask, torch_p.predict(image).mask)
+
+
+def _recorded(model_dir: Path) -> Path:
+    """``model_dir`` with the SHA-256 of its model.pt in its model.json, as calibration writes it."""
+    write_model_file(replace(read_model_file(model_dir), weights_sha256=weights_sha256(model_dir / "model.pt")),
+                     model_dir)
+    return model_dir
+
+
+def test_a_model_file_in_memory_runs_as_the_one_on_disk(tmp_path, make_model_dir):
+    """Calibration runs the model before its model.json exists: the predictor takes the model file."""
+    model_dir = _recorded(make_model_dir(tmp_path / "m"))
+    mf = read_model_file(model_dir)
+    (model_dir / "model.json").unlink()
+    image = raster(np.random.default_rng(3).integers(0, 256, (1, 40, 40)))
+    in_memory = Predictor(model_dir, model_file=mf)
+    assert in_memory.model_file is mf and not (model_dir / "model.json").exists()
+    (model_dir / "model.json").write_text(json.dumps(mf.to_dict()))
+    np.testing.assert_array_equal(in_memory.scores(image), Predictor(model_dir).scores(image))
+
+
+def test_weights_other_than_the_recorded_ones_are_refused(tmp_path, make_model_dir):
+    model_dir = _recorded(make_model_dir(tmp_path / "m"))
+    Predictor(model_dir)  # the recorded weights load
+    state = torch.load(model_dir / "model.pt", weights_only=True)
+    state["head.bias"] += 0.01  # still a sound weights file of this network, but not the calibrated one
+    torch.save(state, model_dir / "model.pt")
+    with pytest.raises(MedanomalyError, match="is not the weights file this model was calibrated with: its SHA-256"):
+        Predictor(model_dir)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_with_or_without_a_recorded_hash(tmp_path, make_model_dir, value):
+    model_dir = make_model_dir(tmp_path / "m")  # no hash recorded
+    state = torch.load(model_dir / "model.pt", weights_only=True)
+    state["head.weight"].view(-1)[0] = value
+    torch.save(state, model_dir / "model.pt")
+    with pytest.raises(MedanomalyError, match="holds non-finite weights .*1 of its .* tensors, e.g. 'head.weight'"):
+        Predictor(model_dir)
+    with pytest.raises(MedanomalyError, match="non-finite"):
+        Predictor(_recorded(model_dir))  # recorded as they are: still refused

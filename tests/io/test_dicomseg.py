@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -176,3 +177,16 @@ def test_oblique_sagittal_round_trip(tmp_path):
     path = write_dicom_seg(mask, SAGITTAL, tmp_path / "sag.dcm", version="1")
     np.testing.assert_array_equal(read_dicom_seg(path, SAGITTAL), mask)
     assert read_image(SAGITTAL).spatial_shape == mask.shape
+
+
+def test_no_header_value_reaches_the_log(tmp_path, caplog):
+    """highdicom logs the source instance UIDs it copies from (INFO) and pydicom quotes values it
+    finds invalid: writing and reading a SEG of the real series logs neither, even at DEBUG."""
+    src = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(AXIAL.iterdir())]
+    values = {str(ds[k].value) for ds in src for k in ("SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID",
+                                                       "PatientName", "PatientID", "PatientBirthDate")}
+    with caplog.at_level(logging.DEBUG):
+        path = write_dicom_seg(blobs((36, 64, 64), seed=4), AXIAL, tmp_path / "seg.dcm", version="1")
+        read_dicom_seg(path, AXIAL)
+    leaked = [v for v in values if v and v in caplog.text]
+    assert not leaked, leaked

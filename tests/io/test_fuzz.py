@@ -42,7 +42,7 @@ from PIL import Image as PILImage
 
 import medanomaly.io as mio
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.io import read_image, read_mask
+from medanomaly.io import read_image, read_mask, safety
 
 DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 needs_data = pytest.mark.shared_data()  # the mutation fuzzing starts from real files
@@ -99,8 +99,8 @@ def _hang(signum, frame):
 def _only_medanomaly_errors(path: Path, mask: bool):
     """Read ``path``; the only exception allowed out is MedanomalyError (naming the file), and a
     successful read gives finite values and a finite geometry. Returns the Image (or None)."""
-    saved = mio.MAX_PIXELS
-    mio.MAX_PIXELS = FUZZ_MAX_PIXELS
+    saved = safety.MAX_PIXELS  # read at call time by the size check, in io.safety
+    safety.MAX_PIXELS = FUZZ_MAX_PIXELS
     previous = signal.signal(signal.SIGALRM, _hang)
     signal.alarm(int(2 * SLOW_S))
     t0 = time.perf_counter()
@@ -116,7 +116,7 @@ def _only_medanomaly_errors(path: Path, mask: bool):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
-        mio.MAX_PIXELS = saved
+        safety.MAX_PIXELS = saved
     assert time.perf_counter() - t0 < SLOW_S, f"reading {path.name} took {time.perf_counter() - t0:.1f} s"
     if result is not None:
         g = result.geometry

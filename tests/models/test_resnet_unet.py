@@ -18,10 +18,11 @@ import torch
 from medanomaly.apps.cli import main
 from medanomaly.config.schema import load as load_config
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.infer.export import export_onnx
 from medanomaly.models.build import build_model
 from medanomaly.models.init import load_matching, set_encoder_trainable
 from medanomaly.models.resnet_unet import ResNetUNet
-from medanomaly.models.unet import ENCODERS, UNet, UNetConfig
+from medanomaly.models.unet import UNetConfig
 
 # torchvision resnet18().state_dict(), in order: "NAME.weight|bias d0,d1,..." is one tensor; any other
 # "NAME C" is a BatchNorm2d (bn1, bn2, downsample.1): NAME.weight, .bias, .running_mean, .running_var of
@@ -133,13 +134,6 @@ def test_reconstruction_output_and_gradients_reach_the_stem():
     assert model.full[0].weight.grad.abs().sum() > 0  # the full-resolution skip
 
 
-def test_plain_stays_the_default_and_old_model_json_loads():
-    old = {k: v for k, v in UNetConfig(width=4, depth=2).to_dict().items() if k != "encoder"}
-    cfg = UNetConfig(**old)  # a model.json written before --encoder existed
-    assert cfg.encoder == "plain" and isinstance(build_model(cfg), UNet)
-    assert ENCODERS == ("plain", "resnet18", "resnet34")
-
-
 def test_invalid_encoder_dim_and_channels_are_clear_errors():
     with pytest.raises(ValueError, match="valid: plain, resnet18, resnet34"):
         UNetConfig(encoder="resnet50")
@@ -238,8 +232,6 @@ def test_train_with_a_torchvision_init_then_predict_and_export(tmp_path, fake_re
     assert rc == 0 and len(list((tmp_path / "pred").rglob("*_pred.png"))) == 3
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnx")
-    from medanomaly.infer.export import export_onnx
-
     assert export_onnx(tmp_path / "m").is_file()  # verified against PyTorch inside
 
 

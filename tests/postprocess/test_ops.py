@@ -1,9 +1,7 @@
-"""Tests of medanomaly.postprocess.ops on small hand-made masks and one real FLAIR slice."""
+"""Tests of medanomaly.postprocess.ops on small hand-made masks (the foreground and hole filling it
+uses are tested in tests/data/test_foreground.py)."""
 
 from __future__ import annotations
-
-import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +10,6 @@ from hypothesis.extra import numpy as hnp
 
 from medanomaly.postprocess import ops as P
 from medanomaly.postprocess.ops import PostprocessParams
-
-DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
-FLAIR = DATA / "lgg-flair" / "TCGA_CS_4941_19960909" / "TCGA_CS_4941_19960909_10_flair.png"
 
 
 def _blobs() -> np.ndarray:
@@ -52,28 +47,6 @@ def test_remove_small_components_3d() -> None:
         P.remove_small_components(v, -1)
 
 
-def test_fill_holes_ring_2d() -> None:
-    ring = np.zeros((7, 7), bool)
-    ring[1:6, 1:6] = True
-    ring[2:5, 2:5] = False
-    filled = P.fill_holes(ring)
-    expected = np.zeros((7, 7), bool)
-    expected[1:6, 1:6] = True
-    np.testing.assert_array_equal(filled, expected)
-
-
-def test_fill_holes_3d_tube_and_hollow_cube() -> None:
-    ring = np.zeros((7, 7), bool)
-    ring[1:6, 1:6] = True
-    ring[2:5, 2:5] = False
-    tube = np.repeat(ring[None], 4, axis=0)  # the hole is open at both ends in 3D
-    assert P.fill_holes(tube)[:, 3, 3].all()  # filled slice by slice
-    cube = np.zeros((7, 7, 7), bool)
-    cube[1:6, 1:6, 1:6] = True
-    cube[3, 3, 3] = False  # a closed 3D cavity
-    assert P.fill_holes(cube)[3, 3, 3]
-
-
 def test_smooth_mask_removes_spur() -> None:
     m = np.zeros((11, 14), bool)
     m[2:9, 2:9] = True
@@ -106,60 +79,6 @@ def test_smooth_and_median_scores() -> None:
     assert P.median_filter_scores(np.ones((3, 3), np.uint8), 3).dtype == np.float64
 
 
-def _disk_image(
-    rng: np.random.Generator, shape: tuple[int, int] = (64, 64), radius: int = 20
-) -> tuple[np.ndarray, np.ndarray]:
-    yy, xx = np.indices(shape)
-    disk = (yy - shape[0] // 2) ** 2 + (xx - shape[1] // 2) ** 2 <= radius**2
-    img = np.where(disk, 0.9, 0.0) + rng.uniform(0, 0.2, shape)
-    return img, disk
-
-
-def test_foreground_mask_disk() -> None:
-    rng = np.random.default_rng(0)
-    img, disk = _disk_image(rng)
-    img[2:4, 2:4] = 1.0  # bright speck in the background: not part of the body
-    img[30:34, 30:34] = 0.05  # dark spot inside: a hole, filled
-    np.testing.assert_array_equal(P.foreground_mask(img), disk)
-    eroded = P.foreground_mask(img, erode=2)
-    assert not (eroded & ~disk).any() and eroded.sum() < disk.sum() - 100 and eroded[32, 32]
-    rgb = np.stack([img, img, img])
-    np.testing.assert_array_equal(P.foreground_mask(rgb, channel_axis=0), disk)
-    assert P.foreground_mask(img, mode="all").all()
-    assert not P.foreground_mask(np.full((8, 8), 3.0)).any()
-    with pytest.raises(ValueError, match="mode"):
-        P.foreground_mask(img, mode="otsu2")
-
-
-def test_foreground_mask_3d() -> None:
-    zz, yy, xx = np.indices((20, 20, 20))
-    ball = (zz - 10) ** 2 + (yy - 10) ** 2 + (xx - 10) ** 2 <= 36
-    img = ball * 1.0 + np.random.default_rng(1).uniform(0, 0.3, ball.shape)
-    np.testing.assert_array_equal(P.foreground_mask(img), ball)
-
-
-@pytest.mark.shared_data("lgg-flair/TCGA_CS_4941_19960909/TCGA_CS_4941_19960909_10_flair.png")
-def test_foreground_mask_real_flair() -> None:
-    from PIL import Image
-
-    img = np.asarray(Image.open(FLAIR))
-    assert img.shape == (256, 256)
-    fg = P.foreground_mask(img)
-    assert 0.15 <= fg.mean() <= 0.70
-    assert fg[128, 128]
-
-
-def test_params_round_trip_and_validation() -> None:
-    p = PostprocessParams(threshold=0.3, min_size=5, fill_holes=True)
-    assert PostprocessParams.from_dict(p.to_dict()) == p
-    with pytest.raises(ValueError, match="valid keys"):
-        PostprocessParams.from_dict({"threshold": 0.3, "min_sise": 5})
-    with pytest.raises(ValueError, match="min_size"):
-        PostprocessParams(min_size=-1)
-    with pytest.raises(ValueError, match="fill_holes"):
-        PostprocessParams(fill_holes="yes")
-
-
 def test_apply_order() -> None:
     scores = np.zeros((8, 8))
     scores[1:4, 1:4] = 0.9
@@ -175,8 +94,8 @@ def test_apply_order() -> None:
     assert not P.apply(scores, PostprocessParams(threshold=0.5, min_size=9)).any()
 
 
-def test_apply_foreground_only() -> None:
-    img, disk = _disk_image(np.random.default_rng(2))
+def test_apply_foreground_only(disk_image) -> None:
+    img, disk = disk_image(np.random.default_rng(2))
     scores = np.ones(disk.shape)
     params = PostprocessParams(foreground_only=True, smooth_radius=1)
     np.testing.assert_array_equal(P.apply(scores, params, image=img), disk)
@@ -221,8 +140,8 @@ def test_region_table_3d() -> None:
     assert rows[0]["centroid"] == pytest.approx([0.5, 0.5, 0.5])
 
 
-def test_inputs_not_modified() -> None:
-    img, disk = _disk_image(np.random.default_rng(3))
+def test_inputs_not_modified(disk_image) -> None:
+    img, disk = disk_image(np.random.default_rng(3))
     scores = np.random.default_rng(4).random(disk.shape)
     for a in (img, disk, scores):
         a.setflags(write=False)  # any in-place write raises

@@ -5,6 +5,7 @@ for the intensity baseline, and checks an --init model's channels."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import grimp
 import pytest
@@ -13,7 +14,9 @@ import torch
 from medanomaly.apps import api
 from medanomaly.config import schema as config
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.train import prepare as prepare_mod
 from medanomaly.train import run
+from medanomaly.train.checkpoint import METRIC_FIELDS
 
 TINY = {"size": 32, "model.width": 4, "model.depth": 2, "epochs": 1, "batch_size": 4, "precision": "fp32",
         "max_minutes": 0}
@@ -55,3 +58,67 @@ def test_new_model_loads_init_weights_of_the_same_channels(phantoms, tmp_path):
     (tmp_path / "pre" / "model.json").write_text(json.dumps({"input": {"channels": 3}}))
     with pytest.raises(MedanomalyError, match="trained on 3-channel images but these have 1"):
         run.new_model(cfg, 1, torch.device("cpu"), init=str(tmp_path / "pre"))
+
+
+def _never_loaded(monkeypatch) -> None:
+    """Loading any image for training fails the test: what is checked must be checked before."""
+    def load(*args, **kwargs):
+        raise AssertionError("data were loaded before the check")
+
+    monkeypatch.setattr(prepare_mod, "load_slices", load)
+
+
+def test_checks_come_before_any_image_is_loaded(phantoms, tmp_path, monkeypatch, labelled_phantoms):
+    cfg = config.load(None, TINY)
+    res = run.train(phantoms, tmp_path / "m", cfg, progress=False)
+    rgb = labelled_phantoms(tmp_path / "rgb", n_cases=1, rgb=True)  # extra pairs of 3 channels for grey data
+    _never_loaded(monkeypatch)
+    with pytest.raises(MedanomalyError, match="has 3 channels but the training images have 1"):
+        run.train(phantoms, tmp_path / "x", replace(cfg, extra=str(rgb)), progress=False)
+    with pytest.raises(MedanomalyError, match="holds a run of another network"):
+        run.train(phantoms, res.out_dir, replace(cfg, model=replace(cfg.model, width=8)), resume=True, progress=False)
+    torch.save({"fc.weight": torch.zeros(2, 2)}, tmp_path / "foreign.pt")  # weights of another architecture
+    with pytest.raises(MedanomalyError, match="--init .*foreign.pt: none of its 1 tensors matches"):
+        run.train(phantoms, tmp_path / "y", replace(cfg, init=str(tmp_path / "foreign.pt")), progress=False)
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_resuming_a_finished_run_makes_it_unfinished_until_calibrated(phantoms, tmp_path):
+    cfg = config.load(None, TINY)
+    api.train(phantoms, tmp_path / "m", cfg, progress=False)
+    run.train(phantoms, tmp_path / "m", replace(cfg, epochs=2), resume=True, progress=False)  # the weights change
+    assert not (tmp_path / "m" / "model.json").exists()
+
+
+def _record(tmp_path, cfg, state: dict, seconds: float | None = None) -> run.RunRecord:
+    (tmp_path / "model.pt").write_bytes(b"")
+    torch.save({"epoch": 1, "step": 6, "best": 0.5, "best_epoch": 1, "elapsed": 60.0, "bad_epochs": 0, **state},
+               tmp_path / "checkpoint.pt")
+    if seconds is not None:
+        rows = [",".join(METRIC_FIELDS), f"1,0.1,0.1,0.5,0.001,{seconds},10"]
+        (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    return run.run_record(tmp_path, cfg)
+
+
+@pytest.mark.parametrize("state, seconds, ended", [
+    ({}, None, False),  # epoch 2 of 5, within every budget
+    ({"epoch": 4}, None, True),  # all epochs
+    ({"bad_epochs": 3}, None, True),  # early stop (patience 3)
+    ({"elapsed": 600.0}, None, True),  # budget of 10 min spent
+    ({"elapsed": 540.0}, 80.0, True),  # the next epoch would overrun it (by the loop's 2 % margin)
+    ({"elapsed": 540.0}, 30.0, False),
+])
+def test_the_run_record_applies_the_loops_stopping_rules(tmp_path, state, seconds, ended):
+    cfg = config.load(None, {**TINY, "epochs": 5, "patience": 3, "max_minutes": 10})
+    record = _record(tmp_path, cfg, state, seconds)
+    assert record.ended is ended and (record.best_epoch, record.best_val_score) == (1, 0.5)
+    assert "stopped after epoch 2 of 5" in record.reason or ended
+
+
+def test_the_run_record_without_a_checkpoint(tmp_path):
+    cfg = config.load(None, TINY)
+    assert not run.run_record(tmp_path, cfg).ended  # nothing trained yet
+    (tmp_path / "model.pt").write_bytes(b"")
+    assert run.run_record(tmp_path, cfg).ended  # a copied directory: its model.pt is final
+    baseline = config.load(None, {**TINY, "task": "anomaly", "anomaly.method": "intensity"})
+    assert run.run_record(tmp_path / "absent", baseline).ended

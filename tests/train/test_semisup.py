@@ -1,20 +1,19 @@
-"""Mean teacher: EMA updates, ramp-up, consistency, and train --unlabelled."""
+"""Tests for medanomaly.train.semisup: the mean teacher (EMA updates, ramp-up, consistency) and the
+pretraining stage of train --unlabelled. The unlabelled sources themselves: tests/train/test_fewlabels.py."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image as PILImage
 
 from medanomaly.apps.cli import main
 from medanomaly.models.unet import UNet, UNetConfig
-from medanomaly.train.semisup import PRETRAIN_DONE, MeanTeacher, pretrain_finished
+from medanomaly.train.semisup import DEFAULT_UNLABELLED_METHOD, PRETRAIN_DONE, MeanTeacher, pretrain_finished
 
 
 def _tiny() -> UNet:
@@ -53,78 +52,16 @@ def test_consistency_is_zero_when_student_equals_teacher_without_noise():
     assert float(loss.detach()) == pytest.approx(0.0, abs=1e-12)
 
 
-def _phantoms(root: Path, cases: list[str], with_masks: bool = True) -> None:
-    rng = np.random.default_rng(abs(hash(root.name)) % 2**32)
-    for c in cases:
-        d = root / c
-        d.mkdir(parents=True)
-        for k in range(3):
-            img = (rng.random((32, 32)) * 80 + 40).astype(np.uint8)
-            mask = np.zeros((32, 32), np.uint8)
-            img[10:18, 10:18], mask[10:18, 10:18] = 220, 255
-            PILImage.fromarray(img).save(d / f"{c}_{k}.png")
-            if with_masks:
-                PILImage.fromarray(mask).save(d / f"{c}_{k}_mask.png")
-
-
-TINY = ["--size", "32", "--width", "4", "--depth", "2", "--epochs", "2", "--batch-size", "4", "--device", "cpu"]
-
-
-@pytest.fixture()
-def labelled(tmp_path) -> Path:
-    _phantoms(tmp_path / "data", ["a", "b", "c", "d"])
-    (tmp_path / "data" / "splits.json").write_text(json.dumps({"train": ["a", "b"], "val": ["c"], "test": ["d"]}))
-    return tmp_path / "data"
-
-
-def test_train_with_an_unlabelled_folder(labelled, tmp_path):
-    _phantoms(tmp_path / "unl", ["u1", "u2"], with_masks=False)
-    out = tmp_path / "m"
-    assert main(["-q", "train", str(labelled), "--out", str(out), "--unlabelled", str(tmp_path / "unl"),
-                 "--unlabelled-method", "mean-teacher", *TINY]) == 0
-    assert json.loads((out / "config.json").read_text())["unlabelled"] == str(tmp_path / "unl")
-    state = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert "teacher" in state and set(state["teacher"]) == set(state["model"])
-    assert main(["-q", "train", str(labelled), "--out", str(out), "--resume", "--epochs", "3"]) == 0
-
-
-@pytest.mark.parametrize("kind", ["empty-folder", "labelled-images", "unknown-split"])
-def test_bad_unlabelled_sources_are_clear_errors(kind, labelled, tmp_path, capsys):
-    given = {"empty-folder": tmp_path / "empty", "labelled-images": labelled, "unknown-split": "nope"}[kind]
-    (tmp_path / "empty").mkdir()
-    rc = main(["-q", "train", str(labelled), "--out", str(tmp_path / "m"), "--unlabelled", str(given), *TINY])
-    err = " ".join(capsys.readouterr().err.split())
-    assert rc == 2 and "Traceback" not in err
-    assert {"empty-folder": "no images found", "labelled-images": "labelled training images",
-            "unknown-split": "neither a folder nor a split"}[kind] in err
-
-
-def test_unlabelled_can_name_a_list_of_the_splits_file(labelled, tmp_path, caplog):
-    """--unlabelled NAME takes the cases of the list NAME in --splits: their images, masks ignored."""
-    import logging
-
-    splits = tmp_path / "few.json"
-    splits.write_text(json.dumps({"train": ["a"], "val": ["c"], "test": ["d"], "unlabelled": ["b"]}))
-    with caplog.at_level(logging.INFO, logger="medanomaly"):
-        assert main(["-q", "train", str(labelled), "--out", str(tmp_path / "m"), "--splits", str(splits),
-                     "--unlabelled", "unlabelled", "--unlabelled-method", "mean-teacher", *TINY]) == 0
-    assert "mean teacher on 3 unlabelled slices" in caplog.text  # case b: 3 slices
-    assert json.loads((tmp_path / "m" / "splits.json").read_text())["unlabelled"] == ["b"]
-
-
-def test_unlabelled_default_pretrains_on_labelled_and_unlabelled_then_fine_tunes(labelled, tmp_path, caplog):
+def test_unlabelled_default_pretrains_on_labelled_and_unlabelled_then_fine_tunes(labelled_cases, tmp_path, caplog,
+                                                                                 two_epoch_train_flags):
     """The default remedy (auto -> pretrain): a denoising model of train + unlabelled cases is trained
     first in MODEL/pretrain for pretrain_share of the budget; the supervised run starts from it."""
-    import logging
-
-    from medanomaly.train.semisup import DEFAULT_UNLABELLED_METHOD
-
     splits = tmp_path / "few.json"
     splits.write_text(json.dumps({"train": ["a"], "val": ["c"], "test": ["d"], "unlabelled": ["b"]}))
     out = tmp_path / "m"
     with caplog.at_level(logging.INFO, logger="medanomaly"):
-        assert main(["-q", "train", str(labelled), "--out", str(out), "--splits", str(splits),
-                     "--unlabelled", "unlabelled", "--max-minutes", "1", *TINY]) == 0
+        assert main(["-q", "train", str(labelled_cases), "--out", str(out), "--splits", str(splits),
+                     "--unlabelled", "unlabelled", "--max-minutes", "1", *two_epoch_train_flags]) == 0
     assert "pretrain" in DEFAULT_UNLABELLED_METHOD
     pre = json.loads((out / "pretrain-splits.json").read_text())
     assert pre["train"] == ["a", "b"] and pre["val"] == ["c"]
@@ -139,18 +76,18 @@ def test_unlabelled_default_pretrains_on_labelled_and_unlabelled_then_fine_tunes
     assert "teacher" not in state  # pretrain alone: no mean teacher
 
 
-def test_a_finished_pretraining_is_not_run_again(labelled, tmp_path):
+def test_a_finished_pretraining_is_not_run_again(labelled_cases, tmp_path, two_epoch_train_flags):
     """A run killed after its pretraining stage, started again: the stage's finished marker (or the
     model.json of runs made before the marker existed) skips it; the supervised part starts from it."""
     splits = tmp_path / "few.json"
     splits.write_text(json.dumps({"train": ["a"], "val": ["c"], "test": ["d"], "unlabelled": ["b"]}))
     out = tmp_path / "m"
-    flags = ["--splits", str(splits), "--unlabelled", "unlabelled", *TINY]
-    assert main(["-q", "train", str(labelled), "--out", str(out), *flags]) == 0
+    flags = ["--splits", str(splits), "--unlabelled", "unlabelled", *two_epoch_train_flags]
+    assert main(["-q", "train", str(labelled_cases), "--out", str(out), *flags]) == 0
     stage = (out / "pretrain" / "checkpoint.pt").read_bytes()
     for name in ("model.json", "model.pt", "checkpoint.pt", "metrics.csv"):
         (out / name).unlink()
-    assert main(["-q", "train", str(labelled), "--out", str(out), *flags]) == 0
+    assert main(["-q", "train", str(labelled_cases), "--out", str(out), *flags]) == 0
     assert (out / "pretrain" / "checkpoint.pt").read_bytes() == stage
     assert json.loads((out / "config.json").read_text())["init"] == str(out / "pretrain")
     (out / "pretrain" / PRETRAIN_DONE).unlink()

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from medanomaly.apps.api import train
+from medanomaly.apps.api import calibrate, train
 from medanomaly.apps.console import say
 from medanomaly.apps.demo import run_demo
 from medanomaly.apps.parser import TRAIN_KEYS
@@ -20,6 +20,7 @@ from medanomaly.config.schema import TrainConfig
 from medanomaly.config.sections import GanConfig
 from medanomaly.core import distributed
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.outputs import check_new_file
 from medanomaly.core.runtime import resolve_device
 from medanomaly.data.slices import discover
 from medanomaly.evaluate.score import evaluate_model, evaluate_predictions
@@ -48,7 +49,7 @@ def _resume_config(args: argparse.Namespace) -> None:
     """``--resume`` without --config continues with the run's own config.json; another --task is refused."""
     if args.resume and (args.out / "config.json").is_file() and args.config is None:
         args.config = args.out / "config.json"
-        saved = json.loads(args.config.read_text()).get("task", TrainConfig.task)
+        saved = config.read_json_object(args.config).get("task", TrainConfig.task)  # clear errors: not UTF-8...
         if args.task and args.task != saved:
             raise MedanomalyError(f"{args.out} holds a '{saved}' run; it cannot be resumed as '{args.task}': "
                                   "drop --task, or train the other task into a new --out")
@@ -65,9 +66,10 @@ def _global_batch(cfg: TrainConfig, args: argparse.Namespace, world: int) -> Tra
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    info = distributed.init_from_env(args.device)  # under torchrun: join the other processes (data parallel)
     overrides = train_overrides(args)
     _resume_config(args)
+    config.load(args.config, overrides)  # --config and flags checked before the plan reads the data
+    info = distributed.init_from_env(args.device)  # under torchrun: join the other processes (data parallel)
     plan = None
     if not (args.resume or args.no_plan):  # defaults < plan < --config < flags; a resumed run keeps its config
         plan, overrides = distributed.broadcast_object(  # rank 0 plans; all processes train the same plan
@@ -85,10 +87,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    target = args.out / "plan.json" if args.out.is_dir() else args.out
+    check_new_file(target, args.overwrite)  # before the data is read
     task = args.task or ("supervised" if any(s.mask is not None for s in discover(args.data)) else "anomaly")
     fp = planning.fingerprint(args.data, args.splits, labelled_only=task == "supervised")  # what the task trains on
     plan = planning.make_plan(fp, planning.machine(args.device), args.max_minutes, task)
-    out = planning.save_plan(plan, args.out / "plan.json" if args.out.is_dir() else args.out)
+    out = planning.save_plan(plan, target, args.overwrite)
     say(plan.table())
     say(f"plan written to {out}; use it with 'medanomaly train {args.data} --plan {out} --out MODEL_DIR'")
     return 0
@@ -120,8 +124,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    path = export_onnx(args.model, args.out, args.opset)
+    path = export_onnx(args.model, args.out, args.opset, overwrite=args.overwrite)
     say(f"ONNX model written to {path}; its pre- and post-processing are described in {sidecar_path(path)}")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    post = calibrate(args.model, args.data, device=str(resolve_device(args.device)), overwrite=args.overwrite,
+                     progress=not args.quiet)
+    say(f"{args.model / 'model.json'} written: threshold {post.threshold:.4g}, minimum region {post.min_size} "
+        "pixels, chosen on the val split")
     return 0
 
 
@@ -130,10 +142,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.model is not None:  # a model is scored on its test split unless told otherwise
         summary = evaluate_model(args.model, args.data, args.out, split="test" if args.split is None else split or None,
                                  splits_file=args.splits, device=str(resolve_device(args.device)),
-                                 progress=not args.quiet)
+                                 progress=not args.quiet, overwrite=args.overwrite)
     else:
         summary = evaluate_predictions(args.pred, args.data, args.out, split=split, splits_file=args.splits,
-                                       progress=not args.quiet)
+                                       progress=not args.quiet, overwrite=args.overwrite)
     say(json.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=1))
     say(f"report: {args.out / 'report.html'}")
     return 0
@@ -141,7 +153,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(args.out, data=args.data, max_minutes=args.max_minutes, seed=args.seed,
-                       device=str(resolve_device(args.device)), progress=not args.quiet)
+                       device=str(resolve_device(args.device)), progress=not args.quiet, overwrite=args.overwrite)
     say(f"demo finished: mean per-case Dice {summary['dice_per_case_mean']:.3f}; "
         f"report: {args.out / 'eval' / 'report.html'}")
     return 0
@@ -166,11 +178,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                               "with 'pip install -r requirements.lock' or 'pip install fastapi uvicorn "
                               "python-multipart'") from exc
     run(args.model, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
-        device=str(resolve_device(args.device)), quiet=args.quiet, say=say)
+        device=str(resolve_device(args.device)), quiet=args.quiet, say=say, max_memory_mb=args.max_memory_mb)
     return 0
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "train": cmd_train, "pretrain": cmd_pretrain, "predict": cmd_predict, "evaluate": cmd_evaluate, "demo": cmd_demo,
     "export": cmd_export, "serve": cmd_serve, "synthesize": cmd_synthesize, "plan": cmd_plan,
+    "calibrate": cmd_calibrate,
 }

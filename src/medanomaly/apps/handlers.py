@@ -15,6 +15,7 @@ import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from importlib import resources
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -33,6 +34,8 @@ from medanomaly.core.version import __version__
 log = logging.getLogger("medanomaly.apps.serve")
 
 _ENVELOPE = 64 * 1024  # multipart boundaries, part headers and the small 'keep' field around the file
+_STATE_CHANGING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 def page() -> str:
@@ -81,8 +84,38 @@ async def security_headers(request: Request, call_next: Callable[[Request], Awai
     return response
 
 
+def _host_port(url: str) -> tuple[str, int] | None:
+    """(host, port) of an origin or URL (``http://localhost:8000/...``); None for ``null``, other
+    schemes and anything unparsable."""
+    try:
+        parts = urlsplit(url.strip())
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+            return None
+        return parts.hostname.lower(), parts.port or _DEFAULT_PORTS[parts.scheme]
+    except ValueError:  # a bad port
+        return None
+
+
+async def same_origin(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """403 for a state-changing request (POST, PUT, PATCH, DELETE) sent by a page of another origin.
+
+    Browsers send ``Origin`` with every such request (same-origin ``fetch`` included; ``null`` from
+    sandboxed or opaque pages), or at least a ``Referer``; it must name this server as the request
+    reached it (the Host header: host and port). A request with neither comes from no web page (curl,
+    scripts, the test client) and cannot be forged by one, so it is answered as before."""
+    if request.method in _STATE_CHANGING:
+        claimed = request.headers.get("origin") or request.headers.get("referer")
+        own = _host_port(f"{request.url.scheme}://{request.headers.get('host', '')}")
+        if claimed is not None and (own is None or _host_port(claimed) != own):
+            shown = claimed if len(claimed) <= 100 else claimed[:97] + "..."
+            here = f"{request.url.scheme}://{request.headers.get('host', '')}"
+            return _error(403, f"cross-origin request refused: this {request.method} came from {shown!r}, not from "
+                               f"this server's own page ({here}/); upload and delete from the viewer page itself")
+    return await call_next(request)
+
+
 async def api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return _error(exc.status, exc.message)
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers or None)
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

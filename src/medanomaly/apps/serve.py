@@ -17,10 +17,20 @@ Endpoints (all errors are JSON ``{"error": "..."}``):
 * ``GET /api/mask/{sid}?threshold=t``: the mask file;
 * ``DELETE /api/session/{sid}``: forget a session.
 
+Cross-origin writes: a POST, PUT, PATCH or DELETE whose ``Origin`` (or ``Referer`` when there is no
+Origin) is not this server's own host:port is answered 403, so a web page elsewhere cannot upload
+to or change the server through the user's browser (:func:`medanomaly.apps.handlers.same_origin`).
+
+Memory: analyses share a budget (``--max-memory-mb``, default half the available memory), reserved
+from each upload's header-declared size before decoding; over it, 503 "busy: N analyses hold X MB;
+retry in a moment" (413 for an image that could never fit) (:class:`medanomaly.apps.viewer.Viewer`).
+
 Privacy: an upload is written to a private (0700) temporary folder, read, and deleted before the
 response (the multipart parser's own spool file is anonymous and closed with the request). With
-``keep=true`` the upload stays in a private server-side folder until the server stops. Score maps
-are kept in memory only, for the last :data:`MAX_SESSIONS` uploads. The server binds 127.0.0.1 by
+``keep=true`` the upload stays in a private server-side folder until the server stops; a run that
+ends without cleaning up (killed, crashed) leaves its folder behind, and the next run removes it at
+start-up, with a log line (a run's folder is locked while it runs, so live runs are left alone).
+Score maps are kept in memory only, for the last :data:`MAX_SESSIONS` uploads. The server binds 127.0.0.1 by
 default and answers only requests addressed to a loopback name there (no DNS rebinding).
 """
 
@@ -42,6 +52,7 @@ from starlette.middleware.trustedhost import TrustedHostMiddleware
 from medanomaly.apps import handlers as H
 from medanomaly.apps.uploads import ApiError
 from medanomaly.apps.viewer import MAX_SESSIONS, Viewer
+from medanomaly.config.model_file import read_model_file
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.version import __version__
 
@@ -55,20 +66,22 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
 def create_app(model_dir: str | Path, max_upload_mb: float = 200, device: str = "cpu",
                max_sessions: int = MAX_SESSIONS, allowed_hosts: list[str] | None = None,
-               work_dir: str | Path | None = None) -> FastAPI:
+               work_dir: str | Path | None = None, max_memory_mb: float | None = None) -> FastAPI:
     """The viewer app for the model directory ``model_dir`` (loaded once, here).
 
     ``allowed_hosts``: Host header names the app answers (default: 127.0.0.1 and localhost, so a
     web page elsewhere cannot reach it through DNS rebinding); ``["*"]`` for any. ``work_dir``:
-    where the private temporary folder is made (default: the system's). ``app.state.viewer`` is
-    the :class:`Viewer`. The routes are the endpoints of the module docstring; their handlers are
-    in :mod:`medanomaly.apps.handlers`."""
-    viewer = Viewer(model_dir, max_upload_mb, device, max_sessions, work_dir)
+    where the private temporary folder is made (default: the system's; stale ones of earlier runs
+    there are removed). ``max_memory_mb``: the analyses' memory budget (default: half the available
+    memory). ``app.state.viewer`` is the :class:`Viewer`. The routes are the endpoints of the module
+    docstring; their handlers are in :mod:`medanomaly.apps.handlers`."""
+    viewer = Viewer(model_dir, max_upload_mb, device, max_sessions, work_dir, max_memory_mb)
     app = FastAPI(title="medanomaly viewer", version=__version__, lifespan=H.lifespan,
                   docs_url=None, redoc_url=None, openapi_url=None)
     app.state.viewer, app.state.page = viewer, H.page()
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or list(LOOPBACK_NAMES))
-    app.middleware("http")(H.security_headers)
+    app.middleware("http")(H.same_origin)
+    app.middleware("http")(H.security_headers)  # added last: outermost, so the 403s get the headers too
     app.add_exception_handler(ApiError, H.api_error)
     app.add_exception_handler(StarletteHTTPException, H.http_error)
     app.add_exception_handler(RequestValidationError, H.invalid)
@@ -124,9 +137,12 @@ def _log_say(text: str, err: bool = False) -> None:
 
 
 def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 200,
-        device: str = "cpu", quiet: bool = False, say: Callable[..., None] = _log_say) -> None:
+        device: str = "cpu", quiet: bool = False, say: Callable[..., None] = _log_say,
+        max_memory_mb: float | None = None) -> None:
     """Serve the viewer until Ctrl+C. A host other than loopback is served with a loud warning.
-    ``say(text, err=False)`` shows the start and stop lines (the CLI prints them; default: logging)."""
+    ``say(text, err=False)`` shows the start and stop lines (the CLI prints them; default: logging).
+    ``max_memory_mb``: the analyses' memory budget (default: half the available memory)."""
+    read_model_file(model_dir)  # an unfinished or damaged model directory is refused before anything else
     if not is_loopback(host):
         say(f"WARNING: serving on {host}: anyone who can reach this machine on port {port} can upload images "
               "to this model and see the results; there is no login and no encryption. Serve on 127.0.0.1 "
@@ -137,11 +153,13 @@ def run(model_dir: str | Path, host: str = "127.0.0.1", port: int = 8000, max_up
         allowed = ["*"]
     sock = bind(host, port)
     try:
-        app = create_app(model_dir, max_upload_mb, device, allowed_hosts=allowed)
+        app = create_app(model_dir, max_upload_mb, device, allowed_hosts=allowed, max_memory_mb=max_memory_mb)
         server = make_server(app, sock, "warning" if quiet else "info")
         shown = f"[{host}]" if ":" in host else host
+        budget = app.state.viewer.memory_budget / 2**20
         say(f"medanomaly viewer on http://{shown}:{sock.getsockname()[1]}/ (Ctrl+C stops it; uploads are "
-              f"deleted after each request, at most {max_upload_mb:g} MB each)")
+            f"deleted after each request, at most {max_upload_mb:g} MB each; analyses may hold {budget:,.0f} MB "
+            "of memory at once, --max-memory-mb)")
         try:
             server.run(sockets=[sock])
         except KeyboardInterrupt:  # uvicorn re-raises Ctrl+C after its graceful shutdown

@@ -1,17 +1,36 @@
-"""Uploads for ``medanomaly serve``: type checks by name and content, safe extraction of zipped
-DICOM series, and the errors the API answers with. No web framework here: pure functions on bytes
-and paths, testable on their own."""
+"""Uploads for ``medanomaly serve``: type checks by name and content, the image size an upload's
+header declares (read before any pixel is decoded), safe extraction of zipped DICOM series, the
+server's private folders (one per run, locked while it runs, so that the next run removes those a
+crash left behind) and the errors the API answers with. No web framework here: pure functions on
+bytes and paths, testable on their own."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import stat
 import struct
+import tempfile
 import zipfile
 import zlib
+from collections.abc import Mapping
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
+
+import nibabel as nib
+import pydicom
+import tifffile
 
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.io import full_suffix, is_dicom_series_dir
+from medanomaly.io.dicom import series_files
+from medanomaly.io.safety import library_notes
+
+try:  # POSIX: a run's folder is locked while it runs (the kernel releases the lock when it dies)
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no stale-folder clean-up
+    fcntl = None  # type: ignore[assignment]
 
 MAX_ZIP_MEMBERS = 5000  #: entries a zipped DICOM series may hold
 ZIP_EXPANSION = 4  #: a zip may hold at most this many times the upload limit, uncompressed
@@ -27,12 +46,19 @@ _KIND_SUFFIX = {"png": ".png", "jpeg": ".jpg", "tiff": ".tif", "nifti": ".nii", 
 SUPPORTED = "PNG, JPEG, TIFF, NIfTI (.nii, .nii.gz), a DICOM file (.dcm) or a zipped DICOM series (.zip)"
 
 
-class ApiError(Exception):
-    """An error answered as JSON ``{"error": message}`` with an HTTP status."""
+ROOT_PREFIX = "medanomaly-serve-"  #: a run's private folder: ROOT_PREFIX + its pid + "-" + random
+_LOCK = "owner.lock"  # in a run's folder: flock-ed by the run for its whole life
+_TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")  # little/big-endian TIFF and BigTIFF
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 3, 4: 2, 6: 4}  # IHDR colour type -> channels (a palette decodes to RGB)
 
-    def __init__(self, status: int, message: str):
+
+class ApiError(Exception):
+    """An error answered as JSON ``{"error": message}`` with an HTTP status (and extra headers,
+    e.g. ``Retry-After`` for a 503)."""
+
+    def __init__(self, status: int, message: str, headers: Mapping[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, dict(headers or {})
 
 
 # ---------------------------------------------------------------------------------------------- types
@@ -60,14 +86,14 @@ def sniff(head: bytes) -> str | None:
         return "png"
     if head.startswith(b"\xff\xd8\xff"):
         return "jpeg"
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+    if head[128:132] == b"DICM":  # before TIFF: a DICOM file's preamble may be a TIFF header (dual files)
+        return "dicom"
+    if head[:4] in _TIFF_MAGIC:
         return "tiff"
     if head.startswith(b"\x1f\x8b"):
         return "nifti-gz" if _is_nifti_header(_gunzip_head(head)) else "gzip"
     if head[:4] in (b"PK\x03\x04", b"PK\x05\x06"):
         return "zip"
-    if head[128:132] == b"DICM":
-        return "dicom"
     if _is_nifti_header(head):
         return "nifti"
     return None
@@ -83,6 +109,8 @@ def check_type(name: str, head: bytes) -> str:
     if suffix == "" and found in _KIND_SUFFIX:
         return _KIND_SUFFIX[found]
     expected = SUFFIX_KINDS.get(suffix)
+    if expected == "tiff" and head[:4] in _TIFF_MAGIC:
+        found = "tiff"  # a DICOM-TIFF dual file named .tif is a TIFF
     if expected is None:
         raise ApiError(415, f"{name}: unsupported file type '{suffix or 'no suffix'}'; upload {SUPPORTED}")
     if found != expected:
@@ -192,3 +220,141 @@ def find_series(folder: Path, label: str) -> Path:
     names = ", ".join(str(s.relative_to(folder)) + "/" for s in series[:5])
     raise MedanomalyError(f"{label} holds {len(series)} DICOM series ({names}); zip one series per upload")
 
+
+
+# ---------------------------------------------------------------------------------------------- declared size
+
+
+def _png_shape(f: BinaryIO) -> tuple[int, ...] | None:
+    head = f.read(26)
+    if len(head) < 26 or head[12:16] != b"IHDR":
+        return None
+    width, height = struct.unpack(">II", head[16:24])
+    return _PNG_CHANNELS.get(head[25], 4), height, width
+
+
+def _jpeg_shape(f: BinaryIO) -> tuple[int, ...] | None:
+    """(components, height, width) from the first start-of-frame segment, skipping the others."""
+    if f.read(2) != b"\xff\xd8":
+        return None
+    while True:
+        marker = f.read(2)
+        while len(marker) == 2 and marker == b"\xff\xff":  # fill bytes
+            marker = marker[1:] + f.read(1)
+        if len(marker) < 2 or marker[0] != 0xFF:
+            return None
+        kind = marker[1]
+        if kind == 0x01 or 0xD0 <= kind <= 0xD8:  # markers without a length
+            continue
+        (length,) = struct.unpack(">H", f.read(2))
+        if length < 2:  # a segment's length counts its own two bytes: never move backwards
+            return None
+        if 0xC0 <= kind <= 0xCF and kind not in (0xC4, 0xC8, 0xCC):  # SOF0..SOF15 but DHT, JPG, DAC
+            _, height, width, components = struct.unpack(">BHHB", f.read(6))
+            return components, height, width
+        f.seek(length - 2, os.SEEK_CUR)
+
+
+def _dicom_values(path: Path) -> tuple[int, ...]:
+    ds = pydicom.dcmread(path, stop_before_pixels=True,
+                         specific_tags=["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel"])
+    return (int(ds.get("NumberOfFrames") or 1), int(ds.Rows), int(ds.Columns), int(ds.get("SamplesPerPixel") or 1))
+
+
+def _series_shape(folder: Path) -> tuple[int, ...]:
+    """(frames, rows, columns, samples) of a series: every file's frames, at the largest sizes."""
+    shapes = [_dicom_values(f) for f in series_files(folder)]
+    return sum(s[0] for s in shapes), *(max(s[k] for s in shapes) for k in (1, 2, 3))
+
+
+def declared_shape(path: Path) -> tuple[int, ...] | None:
+    """The size of the image at ``path`` (a stored upload, or an extracted DICOM series folder) as
+    its header declares it, every axis with channels included (their product: the values a reader
+    will decode), read without decoding a pixel; None when the header cannot be parsed (the
+    reader will then say what is wrong)."""
+    suffix = full_suffix(path.name)
+    try:
+        with library_notes([]):  # a probe: the reader reports the file's problems
+            if path.is_dir():
+                return _series_shape(path)
+            if suffix == ".dcm":
+                return _dicom_values(path)
+            if suffix in (".nii", ".nii.gz"):
+                return tuple(int(d) for d in nib.load(path).header.get_data_shape())
+            if suffix in (".tif", ".tiff"):
+                with tifffile.TiffFile(path) as tf:
+                    return tuple(int(d) for d in tf.series[0].shape) if tf.series else None
+            with open(path, "rb") as f:
+                return _png_shape(f) if suffix == ".png" else _jpeg_shape(f) if suffix in (".jpg", ".jpeg") else None
+    except Exception:  # noqa: BLE001 - a header that does not parse is the reader's to report
+        return None
+
+
+# ---------------------------------------------------------------------------------------------- private folders
+
+
+def make_private_root(base: Path | None = None) -> tuple[Path, int | None]:
+    """A new private (0700) folder for one server run in ``base`` (default: the system's temporary
+    folder), named :data:`ROOT_PREFIX` + pid, and locked: an exclusive ``flock`` on its lock file,
+    held until the process ends (the kernel releases it when the process dies, even by SIGKILL), so
+    that :func:`remove_stale_roots` tells a live run's folder from a crashed one's. Returns the
+    folder and the lock's file descriptor (close it after deleting the folder; None without flock)."""
+    root = Path(tempfile.mkdtemp(prefix=f"{ROOT_PREFIX}{os.getpid()}-", dir=base))
+    if fcntl is None:
+        return root, None
+    fresh = root / (_LOCK + ".new")
+    fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.rename(fresh, root / _LOCK)  # the lock file appears already locked
+    return root, fd
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # POSIX only (on Windows signal 0 would end the process): see remove_stale_roots
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's live process
+        return True
+    return True
+
+
+def _owner_alive(root: Path) -> bool:
+    """Whether the run that made ``root`` may still be running: its lock is held, or (no lock file
+    yet: it is starting) the pid in its name is alive. Folders without a pid are not judged."""
+    lock = root / _LOCK
+    if fcntl is not None and lock.is_file():
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_NOFOLLOW)
+        except OSError:
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return True  # held: its run is alive
+        finally:
+            os.close(fd)  # (releases the lock this probe took)
+        return False
+    found = re.match(rf"{re.escape(ROOT_PREFIX)}(\d+)-", root.name)
+    return found is None or _pid_alive(int(found.group(1)))
+
+
+def remove_stale_roots(base: Path | None = None) -> list[Path]:
+    """Delete the private folders that earlier server runs left in ``base`` (default: the system's
+    temporary folder) when they crashed or were killed, kept uploads included: this user's folders
+    named :data:`ROOT_PREFIX` + pid whose owner is gone (:func:`_owner_alive`). Returns them.
+    Nothing is done off POSIX (no flock, and no safe way to probe a pid)."""
+    if os.name != "posix":
+        return []
+    removed = []
+    for root in sorted(Path(base or tempfile.gettempdir()).glob(ROOT_PREFIX + "*")):
+        try:
+            st = root.lstat()
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or _owner_alive(root):
+            continue
+        shutil.rmtree(root, ignore_errors=True)
+        if not root.exists():
+            removed.append(root)
+    return removed

@@ -15,6 +15,7 @@ import torch
 
 from medanomaly.anomaly.methods import map_variants, residual_map
 from medanomaly.calibrate.val import val_samples
+from medanomaly.config.model_file import ModelFile
 from medanomaly.config.schema import TrainConfig
 from medanomaly.data.slices import load_slices
 from medanomaly.infer.predictor import Predictor
@@ -24,11 +25,12 @@ log = logging.getLogger(__name__)
 BATCH = 32  # val slices per network call
 
 
-def choose_map(out: Path, data: Path, cfg: TrainConfig,
-               device: torch.device | str) -> tuple[TrainConfig, dict[str, Any]]:
+def choose_map(out: Path, data: Path, cfg: TrainConfig, device: torch.device | str,
+               model_file: ModelFile | None = None) -> tuple[TrainConfig, dict[str, Any]]:
     """``cfg`` with the anomaly-map settings of the best val AUPRC, and the record of the choice.
     Without lesions in val (or with ``select_map_on_val`` off, or for a 3D model) the configured
-    settings are kept."""
+    settings are kept. The network is ``out/model.pt`` run as ``model_file`` describes it (default:
+    ``out/model.json``)."""
     if cfg.model.dim == 3:
         return cfg, {"selected": False, "reason": "3D model: the configured map settings are kept"}
     samples = val_samples(out, data, labelled_only=True)
@@ -37,7 +39,7 @@ def choose_map(out: Path, data: Path, cfg: TrainConfig,
     val = load_slices(samples, cfg.size, cfg.normalization, True)
     if not bool(val.lesion.any()):
         return cfg, {"selected": False, "reason": "no lesion in the val masks"}
-    predictor, x = Predictor(out, device), val.images.float()
+    predictor, x = Predictor(out, device, model_file=model_file), val.images.float()
     recon = None
     if predictor.model is not None:
         with torch.inference_mode():

@@ -1,5 +1,6 @@
-"""The validation split of a model directory scored as ``predict`` will score it: the model is
-read back from the directory (``model.json``, ``model.pt``), so what is calibrated is what runs.
+"""The validation split of a model directory scored as ``predict`` will score it: the one
+:class:`~medanomaly.infer.predictor.Predictor`, on the directory's ``model.pt`` (checked against its
+hash) and the model file about to be written, so what is calibrated is what runs.
 2D models give one entry per image; 3D models one per volume (stacked slices too), so that the
 post-processing is chosen on whole volumes (3D components, ``min_size`` in voxels)."""
 
@@ -13,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from medanomaly.config.model_file import ModelFile
 from medanomaly.data.slices import Sample, discover
 from medanomaly.infer.predictor import Predictor
 from medanomaly.infer.volume import iter_volumes
@@ -28,10 +30,11 @@ def val_samples(out: Path, data: Path, labelled_only: bool = True) -> list[Sampl
 
 
 def val_predictions(out: Path, data: Path, device: torch.device | str, labelled_only: bool,
-                    progress: bool) -> dict[str, list]:
+                    progress: bool, model_file: ModelFile | None = None) -> dict[str, list]:
     """Lists "scores" (float32 maps), "truths" (bool, all False without a mask), "cases", "images"
-    (grey, channels averaged) and "labelled" of the val split, each of the image's own shape."""
-    predictor = Predictor(out, device)
+    (grey, channels averaged) and "labelled" of the val split, each of the image's own shape, as the
+    model ``model_file`` (default: ``out/model.json``) predicts them."""
+    predictor = Predictor(out, device, model_file=model_file)
     samples = val_samples(out, data, labelled_only)
     if predictor.dim == 3:  # whole volumes (stacked slices too), post-processed in 3D
         return _val_volumes(predictor, samples, progress)

@@ -10,7 +10,13 @@ and the ``medanomaly_version`` that wrote it:
   ``anomaly`` (anomaly task only, :class:`AnomalyConfig`) and ``postprocess`` (chosen on val,
   :class:`PostprocessParams`). A hand edit of a section is what ``predict`` follows;
 - the records ``training`` (best epoch and its validation score) and ``calibration`` (how the
-  threshold and post-processing were chosen on val).
+  threshold and post-processing were chosen on val);
+- ``weights`` (models with a network): ``{"file": "model.pt", "sha256": ...}``, the SHA-256 of the
+  weights file the calibration ran on, which the predictor checks before using it.
+
+The file is written last, atomically, once calibration has succeeded: a directory without it (or
+with the ``calibration: {"status": "pending"}`` placeholder of earlier releases) is unfinished, and
+:func:`read_model_file` refuses it with the command that completes it.
 
 Version 1 (releases up to b9f2d7b: no ``schema_version``, no ``config``) is upgraded in memory
 by :func:`read_model_file`: the configuration comes from the directory's ``config.json`` (the
@@ -38,6 +44,7 @@ log = logging.getLogger(__name__)
 FORMAT = "medanomaly-model"
 SCHEMA_VERSION = 2
 FILE_NAME = "model.json"
+WEIGHTS_FILE = "model.pt"
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,7 @@ class ModelFile:
     precision: str = "auto"
     training: TrainingSummary = field(default_factory=TrainingSummary)
     calibration: dict[str, Any] = field(default_factory=dict)
+    weights_sha256: str | None = None  # of model.pt (None: not recorded, as in version 1 files)
     medanomaly_version: str = __version__
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT
@@ -110,6 +118,8 @@ class ModelFile:
             raise ValueError(f"precision {self.precision!r} is not one of {', '.join(PRECISIONS)}")
         if (self.anomaly is None) != (self.task == "supervised"):
             raise ValueError(f"a {self.task} model has {'no' if self.task == 'supervised' else 'an'} anomaly section")
+        if self.weights_sha256 is not None and not _is_sha256(self.weights_sha256):
+            raise ValueError(f"weights.sha256 {self.weights_sha256!r} is not a SHA-256 (64 hexadecimal digits)")
 
     @property
     def has_network(self) -> bool:
@@ -126,6 +136,8 @@ class ModelFile:
         if self.anomaly is not None:
             d["anomaly"] = self.anomaly.to_dict()
         d["config"] = self.config.to_dict()
+        if self.weights_sha256 is not None:
+            d["weights"] = {"file": WEIGHTS_FILE, "sha256": self.weights_sha256}
         return d
 
 
@@ -136,16 +148,18 @@ def network_out_channels(task: str, method: str, in_channels: int) -> int:
 
 
 def build_model_file(cfg: TrainConfig, in_channels: int, post: PostprocessParams, training: TrainingSummary,
-                     calibration: dict[str, Any]) -> ModelFile:
+                     calibration: dict[str, Any], weights_sha256: str | None = None) -> ModelFile:
     """The model file of a run trained with ``cfg`` (its ``anomaly`` section holding the map settings
-    chosen on val) on ``in_channels``-channel images, with the post-processing ``post`` chosen on val."""
+    chosen on val) on ``in_channels``-channel images, with the post-processing ``post`` chosen on val
+    and ``weights_sha256`` the SHA-256 of its model.pt (None for the 'intensity' method: no weights)."""
     net = replace(cfg.model, in_channels=in_channels,
                   out_channels=network_out_channels(cfg.task, cfg.anomaly.method, in_channels))
     dim3 = cfg.model.dim == 3  # 3D: sliding-window patch (voxels), training spacing (mm)
     spec = InputSpec(in_channels, cfg.size, cfg.normalization, cfg.model.dim, cfg.tta and cfg.task == "supervised",
                      cfg.patch if dim3 else None, cfg.spacing if dim3 else None)
     return ModelFile(cfg.task, spec, net, post, replace(cfg, model=net),
-                     cfg.anomaly if cfg.task == "anomaly" else None, cfg.precision, training, dict(calibration))
+                     cfg.anomaly if cfg.task == "anomaly" else None, cfg.precision, training, dict(calibration),
+                     weights_sha256)
 
 
 def write_model_file(model_file: ModelFile, model_dir: str | Path) -> Path:
@@ -155,15 +169,22 @@ def write_model_file(model_file: ModelFile, model_dir: str | Path) -> Path:
     return path
 
 
-def read_model_file(model_dir: str | Path) -> ModelFile:
+def read_model_file(model_dir: str | Path, finished: bool = True) -> ModelFile:
     """``model_dir/model.json``, checked (version 1 upgraded in memory): a clear
-    :class:`MedanomalyError` naming the file for anything that is not a sound model file."""
+    :class:`MedanomalyError` naming the file for anything that is not a sound model file, and for an
+    unfinished model directory (no model.json, or a pending calibration) the command that completes
+    it. ``finished`` False accepts a pending calibration (what ``calibrate`` completes)."""
     model_dir = Path(model_dir)
     data = _read_json(model_dir)
     version = data.get("schema_version", 1)  # version 1 files have no such key
     if version not in (1, SCHEMA_VERSION):
         raise MedanomalyError(f"{model_dir / FILE_NAME} has schema_version {version!r}; this medanomaly "
                               f"({__version__}) reads versions 1 and {SCHEMA_VERSION}: upgrade medanomaly")
+    if finished and is_pending(data):
+        raise MedanomalyError(f"{model_dir} is unfinished: its calibration was interrupted ({model_dir / FILE_NAME} "
+                              "says calibration 'pending' and holds a placeholder threshold, as earlier releases "
+                              f"wrote it before calibrating). Complete it with 'medanomaly calibrate {model_dir} "
+                              "--data DATA' (DATA: the data folder it was trained on)")
     base = _v1_base_config(model_dir) if version == 1 else None
     try:  # a damaged or hand-edited model.json: one clear error, not a KeyError or TypeError
         return _check(from_dict(upgrade_v1(data, base) if base is not None else data))
@@ -173,11 +194,52 @@ def read_model_file(model_dir: str | Path) -> ModelFile:
                               "from the training run or retrain") from exc
 
 
+def is_pending(data: dict[str, Any]) -> bool:
+    """A model.json object written before calibration by earlier releases (a placeholder threshold)."""
+    calibration = data.get("calibration")
+    return isinstance(calibration, dict) and calibration.get("status") == "pending"
+
+
+def _is_sha256(text: object) -> bool:
+    return isinstance(text, str) and len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+def unfinished(model_dir: Path) -> str | None:
+    """Why ``model_dir`` (without model.json) is an unfinished training run, with the command that
+    completes it; None where it holds no trace of one (not a model directory at all)."""
+    has = {name: (model_dir / name).is_file() for name in (WEIGHTS_FILE, "checkpoint.pt", "config.json")}
+    resume = f"'medanomaly train DATA --out {model_dir} --resume'"
+    calibrate = f"'medanomaly calibrate {model_dir} --data DATA'"
+    where = "(DATA: the data folder it was trained on)"
+    if has[WEIGHTS_FILE]:
+        return (f"{model_dir} is unfinished: its training or its calibration was interrupted (model.pt but no "
+                f"model.json), so it has no threshold chosen on val. Complete it with {calibrate} if the training "
+                f"had ended, else with {resume}, which trains on and then calibrates {where}")
+    if has["checkpoint.pt"]:
+        return f"{model_dir} is unfinished: its training was interrupted (no model.pt). Complete it with {resume} {where}"
+    if has["config.json"] and _method(model_dir / "config.json") == "intensity":
+        return (f"{model_dir} is unfinished: the calibration of this intensity baseline was interrupted. Complete "
+                f"it with {calibrate} {where}")
+    if has["config.json"] or (model_dir / "splits.json").is_file():
+        return (f"{model_dir} is unfinished: its training was interrupted before its first epoch ended (nothing "
+                f"to resume). Train it again: 'medanomaly train DATA --out {model_dir}' {where}")
+    return None
+
+
+def _method(config_path: Path) -> str | None:
+    """The anomaly method of a config.json, read leniently (only to word an error message)."""
+    try:
+        data = json.loads(config_path.read_text())
+        return data["anomaly"]["method"] if data.get("task") == "anomaly" else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def _read_json(model_dir: Path) -> dict[str, Any]:
     path = model_dir / FILE_NAME
     if not path.is_file():
-        raise MedanomalyError(f"{model_dir} is not a medanomaly model directory (no model.json); "
-                              "pass the --out folder of 'medanomaly train'")
+        raise MedanomalyError(unfinished(model_dir) or f"{model_dir} is not a medanomaly model directory (no "
+                              "model.json); pass the --out folder of 'medanomaly train'")
     try:
         data = json.loads(path.read_text())
     except ValueError as exc:
@@ -200,7 +262,17 @@ def from_dict(data: dict[str, Any]) -> ModelFile:
         postprocess=PostprocessParams.from_dict(data["postprocess"]), config=schema.from_dict(data["config"]),
         anomaly=AnomalyConfig(**data["anomaly"]) if task == "anomaly" else None, precision=data["precision"],
         training=TrainingSummary(**data["training"]), calibration=dict(data["calibration"]),
-        medanomaly_version=data["medanomaly_version"], schema_version=data["schema_version"], format=data["format"])
+        weights_sha256=_weights_sha256(data.get("weights")), medanomaly_version=data["medanomaly_version"],
+        schema_version=data["schema_version"], format=data["format"])
+
+
+def _weights_sha256(weights: Any) -> str | None:
+    """The SHA-256 of the ``weights`` entry (absent: None); ValueError for one that is not ours."""
+    if weights is None:
+        return None
+    if not isinstance(weights, dict) or weights.get("file") != WEIGHTS_FILE or set(weights) != {"file", "sha256"}:
+        raise ValueError(f"weights is {weights!r}; expected {{'file': '{WEIGHTS_FILE}', 'sha256': ...}}")
+    return weights["sha256"]
 
 
 def _check(mf: ModelFile) -> ModelFile:

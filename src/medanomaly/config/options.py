@@ -20,3 +20,6 @@ RUNTIMES = ("torch", "onnx")  # what runs the network in `predict` (ONNX Runtime
 EXPORT_FORMATS = ("onnx",)
 DIMS = (2, 3)  # 2: U-Net on slices; 3: U-Net on patches of volumes
 SECTIONS = ("model", "augment", "anomaly")  # the nested sections of a TrainConfig
+# --device: what medanomaly.core.runtime.resolve_device takes (auto: a CUDA GPU if there is one, else the CPU)
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d{1,3})?"
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"

@@ -2,11 +2,11 @@
 network (:class:`UNetConfig`), augmentation (:class:`AugmentConfig`), the anomaly task
 (:class:`AnomalyConfig`), post-processing (:class:`PostprocessParams`), and the lesion generator of
 ``synthesize`` (:class:`GanConfig`). Sizes are pixels (voxels in 3D) at the model input size unless a
-field says otherwise."""
+field says otherwise. Each field declares its rule (type, range, choices) with
+:func:`medanomaly.config.rules.setting`; ``__post_init__`` checks them all at once."""
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -15,10 +15,17 @@ from medanomaly.config.options import (
     ANOMALY_METHODS,
     DIMS,
     ENCODERS,
+    NORMALIZATIONS,
+    NORMS,
     PRECISIONS,
     RESIDUALS,
 )
-from medanomaly.core.errors import MedanomalyError
+from medanomaly.config.rules import ConfigError, check, setting
+
+#: probabilities and fractions
+UNIT = {"kind": "float", "ge": 0, "le": 1}
+#: a seed: numpy takes 32 bits
+SEED = {"ge": 0, "le": 2**32 - 1}
 
 
 def check_nonneg_int(value: int, name: str) -> int:
@@ -27,29 +34,22 @@ def check_nonneg_int(value: int, name: str) -> int:
     return int(value)
 
 
-class ConfigError(MedanomalyError, ValueError):
-    """An architecture that cannot be built: a ValueError for library callers, one clear message for users."""
-
-
 @dataclass(frozen=True)
 class UNetConfig:
     """Architecture of a :class:`UNet`; saved in the model directory."""
 
-    in_channels: int = 1
-    out_channels: int = 1
-    dim: int = 2
-    depth: int = 4
-    width: int = 32
-    max_width: int = 320
-    norm: str = "batch"
-    dropout: float = 0.0
-    encoder: str = "plain"  # a key of ENCODERS; model.json files without it are "plain"
+    in_channels: int = setting(1, ge=1, le=1024)
+    out_channels: int = setting(1, ge=1, le=1024)
+    dim: int = setting(2, choices=DIMS)
+    depth: int = setting(4, ge=1, le=10)  # down-sampling steps
+    width: int = setting(32, ge=1, le=1024)  # channels of the first level
+    max_width: int = setting(320, ge=1, le=8192)
+    norm: str = setting("batch", choices=NORMS)
+    dropout: float = setting(0.0, ge=0, lt=1)
+    encoder: str = setting("plain", choices=ENCODERS)  # model.json files without it are "plain"
 
     def __post_init__(self) -> None:
-        if self.dim not in DIMS:
-            raise ConfigError(f"dim must be 2 or 3, got {self.dim}")
-        if self.encoder not in ENCODERS:
-            raise ConfigError(f"unknown encoder {self.encoder!r}; valid: {', '.join(ENCODERS)}")
+        check(self)
         if self.encoder != "plain" and self.dim != 2:
             raise ConfigError(f"encoder {self.encoder!r} is 2D only (dim=2), got dim={self.dim}; "
                               "use encoder 'plain' for 3D networks")
@@ -62,21 +62,24 @@ class UNetConfig:
 class AugmentConfig:
     """Probabilities (0..1) and ranges of each transform. ``enabled=False`` turns all off."""
 
-    enabled: bool = True
-    p_affine: float = 0.8
-    rotate_deg: float = 15.0
-    scale: tuple[float, float] = (0.85, 1.15)
-    translate: float = 0.05  # fraction of the image size
-    p_flip: float = 0.5  # left-right flip
-    p_elastic: float = 0.3
-    elastic_alpha: float = 0.03  # displacement, fraction of the image size
-    elastic_grid: int = 5  # control points per side: lower = smoother deformation
-    p_gamma: float = 0.3
-    gamma: tuple[float, float] = (0.7, 1.5)
-    p_contrast: float = 0.3
-    contrast: tuple[float, float] = (0.75, 1.25)
-    p_noise: float = 0.15
-    noise_std: float = 0.03
+    enabled: bool = setting(True)
+    p_affine: float = setting(0.8, **UNIT)
+    rotate_deg: float = setting(15.0, ge=0, le=180)  # rotation in [-rotate_deg, rotate_deg] degrees
+    scale: tuple[float, float] = setting((0.85, 1.15), kind="float", length=2, ordered=True, gt=0, le=10)
+    translate: float = setting(0.05, **UNIT)  # fraction of the image size
+    p_flip: float = setting(0.5, **UNIT)  # left-right flip
+    p_elastic: float = setting(0.3, **UNIT)
+    elastic_alpha: float = setting(0.03, **UNIT)  # displacement, fraction of the image size
+    elastic_grid: int = setting(5, ge=1, le=1024)  # control points per side: lower = smoother deformation
+    p_gamma: float = setting(0.3, **UNIT)
+    gamma: tuple[float, float] = setting((0.7, 1.5), kind="float", length=2, ordered=True, gt=0, le=100)
+    p_contrast: float = setting(0.3, **UNIT)
+    contrast: tuple[float, float] = setting((0.75, 1.25), kind="float", length=2, ordered=True, gt=0, le=100)
+    p_noise: float = setting(0.15, **UNIT)
+    noise_std: float = setting(0.03, ge=0, le=100)  # normalised intensity units
+
+    def __post_init__(self) -> None:
+        check(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -86,23 +89,21 @@ class AugmentConfig:
 class AnomalyConfig:
     """Settings of the anomaly task; sizes are pixels at the model input size."""
 
-    method: str = "denoise"
-    noise_res: int = 16  # the noise is drawn on a noise_res x noise_res grid, then upsampled
-    noise_std: float = 0.2  # in units of the normalised intensity
-    residual: str = "abs"  # |x - x_hat|; "positive": x above x_hat only (hyperintense lesions, e.g. FLAIR)
-    erode: int = 3  # foreground erosion, so the body outline does not light up
-    median_size: int = 5  # median filter of the residual map
-    select_map_on_val: bool = True  # choose residual, erode and median_size by val AUPRC where val has lesions
-    normal_only: bool = True  # False (pretrain): learn from every image, masks ignored
-    image_quantile: float = 0.995  # image-level score: this quantile of the map inside the foreground
-    target_fpr: float = 0.01  # label-free threshold: this fraction of normal foreground pixels above it
-    synthetic_p: float = 0.5  # method synthetic: share of training images that get a pasted anomaly
+    method: str = setting("denoise", choices=ANOMALY_METHODS)
+    noise_res: int = setting(16, ge=1, le=4096)  # the noise is drawn on a noise_res x noise_res grid, then upsampled
+    noise_std: float = setting(0.2, ge=0, le=100)  # in units of the normalised intensity
+    # |x - x_hat|; "positive": x above x_hat only (hyperintense lesions, e.g. FLAIR)
+    residual: str = setting("abs", choices=RESIDUALS)
+    erode: int = setting(3, ge=0, le=4096)  # foreground erosion, so the body outline does not light up
+    median_size: int = setting(5, ge=0, le=4096)  # median filter of the residual map (0 or 1: none)
+    select_map_on_val: bool = setting(True)  # choose residual, erode and median_size by val AUPRC where val has lesions
+    normal_only: bool = setting(True)  # False (pretrain): learn from every image, masks ignored
+    image_quantile: float = setting(0.995, **UNIT)  # image-level score: this quantile of the map inside the foreground
+    target_fpr: float = setting(0.01, gt=0, lt=1)  # label-free threshold: this fraction of normal foreground pixels above it
+    synthetic_p: float = setting(0.5, **UNIT)  # method synthetic: share of training images that get a pasted anomaly
 
     def __post_init__(self) -> None:
-        if self.method not in ANOMALY_METHODS:
-            raise MedanomalyError(f"unknown anomaly method {self.method!r}; valid: {', '.join(ANOMALY_METHODS)}")
-        if self.residual not in RESIDUALS:
-            raise MedanomalyError(f"unknown residual {self.residual!r}; valid: {', '.join(RESIDUALS)}")
+        check(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -112,21 +113,14 @@ class AnomalyConfig:
 class PostprocessParams:
     """Settings of :func:`apply`; sizes in pixels (voxels in 3D)."""
 
-    threshold: float = 0.5
-    min_size: int = 0
-    fill_holes: bool = False
-    smooth_radius: int = 0
-    foreground_only: bool = False
+    threshold: float = setting(0.5, finite=False, what="a number")  # +-inf: nothing / everything positive
+    min_size: int = setting(0, ge=0)  # components smaller than this many pixels are dropped
+    fill_holes: bool = setting(False)
+    smooth_radius: int = setting(0, ge=0)
+    foreground_only: bool = setting(False)
 
     def __post_init__(self) -> None:
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float, np.number)) or math.isnan(t):
-            raise ValueError(f"threshold must be a number, got {t!r}")
-        check_nonneg_int(self.min_size, "min_size")
-        check_nonneg_int(self.smooth_radius, "smooth_radius")
-        for name in ("fill_holes", "foreground_only"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        check(self)
 
     def to_dict(self) -> dict:
         """Plain dict of the settings (JSON-serialisable)."""
@@ -147,30 +141,25 @@ class GanConfig:
     """Everything that defines a GAN run of ``synthesize`` (:mod:`medanomaly.train.gan`); sizes in
     pixels at ``size``."""
 
-    size: int = 128  # images are loaded, generated and written at size x size
-    minutes: float = 20.0  # training time budget (<= 0: no time limit, max_steps only)
-    max_steps: int = 100_000
-    batch_size: int = 8
-    lr: float = 2e-4  # Adam, both networks; constant, then linear decay over the second half
-    betas: tuple[float, float] = (0.5, 0.999)
-    l1_weight: float = 100.0
-    l1_outside: float = 0.1  # L1 weight outside the erased region, relative to inside
-    width: int = 16  # generator U-Net: channels of the first level
-    depth: int = 4  # generator U-Net: down-sampling steps
-    d_width: int = 32  # discriminator: channels of the first layer
-    d_layers: int = 3  # discriminator: stride-2 layers (3: 70x70 patches)
-    margin: int = 3  # the erased region is the mask dilated by this many pixels
-    seed: int = 0
-    precision: str = "auto"  # bf16 autocast where the CPU/GPU supports it (runtime.choose_precision)
-    normalization: str = "auto"
+    size: int = setting(128, ge=16, le=4096)  # images are loaded, generated and written at size x size
+    minutes: float = setting(20.0, ge=0, le=1_000_000)  # training time budget (0: no time limit, max_steps only)
+    max_steps: int = setting(100_000, ge=1, le=1_000_000_000)
+    batch_size: int = setting(8, ge=1, le=4096)
+    lr: float = setting(2e-4, gt=0, le=10)  # Adam, both networks; constant, then linear decay over the second half
+    betas: tuple[float, float] = setting((0.5, 0.999), kind="float", length=2, ge=0, lt=1)  # Adam's
+    l1_weight: float = setting(100.0, ge=0, le=1_000_000)
+    l1_outside: float = setting(0.1, ge=0, le=1_000_000)  # L1 weight outside the erased region, relative to inside
+    width: int = setting(16, ge=1, le=1024)  # generator U-Net: channels of the first level
+    depth: int = setting(4, ge=1, le=10)  # generator U-Net: down-sampling steps
+    d_width: int = setting(32, ge=1, le=1024)  # discriminator: channels of the first layer
+    d_layers: int = setting(3, ge=1, le=10)  # discriminator: stride-2 layers (3: 70x70 patches)
+    margin: int = setting(3, ge=0, le=4096)  # the erased region is the mask dilated by this many pixels
+    seed: int = setting(0, **SEED)
+    precision: str = setting("auto", choices=PRECISIONS)  # bf16 autocast where supported (runtime.choose_precision)
+    normalization: str = setting("auto", choices=NORMALIZATIONS)
 
     def __post_init__(self) -> None:
-        least = {"size": 16, "batch_size": 1, "max_steps": 1, "width": 1, "depth": 1, "d_width": 1, "d_layers": 1,
-                 "margin": 0}
-        bad = [f"{k} is {getattr(self, k)} but must be >= {v}" for k, v in least.items() if getattr(self, k) < v]
-        if bad or self.precision not in PRECISIONS:
-            raise MedanomalyError("GAN settings: " + ("; ".join(bad) or f"unknown precision {self.precision!r}; "
-                                                      f"valid: {', '.join(PRECISIONS)}"))
+        check(self, "GAN settings")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -47,5 +47,7 @@ def atomic_torch_save(obj: object, path: str | Path) -> None:
     # CLI's parser from the config must stay fast (medanomaly --help: 0.2 s)
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        # saved through a file object, the archive's inner folder is 'archive', not the temporary
+        # file's random name: the same weights give the same bytes (and the SHA-256 model.json records)
+        torch.save(obj, fh)

@@ -51,13 +51,29 @@ def compile_model(model: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(model)
 
 
+#: the device names resolve_device takes (medanomaly.config.options.DEVICE_PATTERN says the same for the CLI)
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+
+
 def resolve_device(name: str) -> torch.device:
-    """'auto' -> cuda if available else cpu; otherwise the named device, checked."""
+    """'auto' -> cuda if available else cpu; otherwise the named device (cpu, cuda, cuda:N, mps),
+    checked: an unknown name, an absent GPU or a GPU index beyond those present is a MedanomalyError."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError) as exc:  # torch's own text lists its dozen backends
+        raise MedanomalyError(f"unknown device {name!r}; valid: {DEVICE_NAMES}") from exc
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise MedanomalyError(f"unknown device {name!r}; valid: {DEVICE_NAMES}")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MedanomalyError(f"device {name!r} requested but no CUDA GPU is available; use --device cpu")
+    count = torch.cuda.device_count() if dev.type == "cuda" else 0
+    if dev.index is not None and 0 < count <= dev.index:
+        raise MedanomalyError(f"device {name!r} requested but this machine has {count} CUDA GPU(s), cuda:0 to "
+                              f"cuda:{count - 1}; use one of those")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise MedanomalyError(f"device {name!r} requested but no Apple GPU (MPS) is available; use --device cpu")
     return dev
 
 

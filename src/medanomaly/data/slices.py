@@ -64,61 +64,94 @@ def is_mask_file(path: Path) -> bool:
 
 
 def _image_entries(folder: Path) -> list[Path]:
-    out = []
-    for p in sorted(folder.iterdir()):
-        if p.name.startswith("."):
-            continue
-        if p.is_file() and full_suffix(p) in IMAGE_SUFFIXES:
-            out.append(p)
-        elif p.is_dir() and is_dicom_series_dir(p):
-            out.append(p)
-    return out
+    """The image files and DICOM series folders in ``folder`` (not below it), sorted."""
+    return [p for p in sorted(folder.iterdir()) if not p.name.startswith(".") and (
+        (p.is_file() and full_suffix(p) in IMAGE_SUFFIXES) or (p.is_dir() and is_dicom_series_dir(p)))]
 
 
-def _pair_folder(folder: Path) -> list[tuple[Path, Path | None, str]]:
-    """Pairs (image, mask, key) among the files of one folder (sibling naming)."""
+def _mask_base(path: Path, token_needed: bool = True) -> str | None:
+    """The stem a mask file names (``X_mask.png`` -> ``X``); None for a file that is no mask
+    (no mask token, where ``token_needed``: masks in a masks/ folder need none)."""
+    base, found = strip_token(stem_of(path), MASK_TOKENS)
+    return base if found or not token_needed else None
+
+
+def _mask_for(image: Path, masks: list[tuple[Path, str]]) -> Path | None:
+    """The one mask of ``image`` among ``masks`` ((path, base) pairs): those naming its stem, else
+    those naming its key (the stem without a modality token). Two or more is an error naming them:
+    silently taking one of them could train on the wrong (e.g. an empty) mask."""
+    stem = stem_of(image)
+    key = strip_token(stem, IMAGE_TOKENS)[0]
+    found = [m for m, base in masks if base == stem] or [m for m, base in masks if base == key]
+    if len(found) > 1:
+        raise MedanomalyError(f"{image} has {len(found)} candidate masks: {' and '.join(map(str, found))}; an image "
+                              "needs exactly one: keep the right one and move the other(s) out of the data folder")
+    return found[0] if found else None
+
+
+def _pair(images: list[Path], masks: list[tuple[Path, str]]) -> tuple[list[tuple[Path, Path | None, str]], list[Path]]:
+    """(pairs (image, mask, key), the masks no image took)."""
+    pairs = [(p, _mask_for(p, masks), strip_token(stem_of(p), IMAGE_TOKENS)[0]) for p in images]
+    used = {m for _, m, _ in pairs}
+    return pairs, [m for m, _ in masks if m not in used]
+
+
+def _pair_folder(folder: Path) -> tuple[list[tuple[Path, Path | None, str]], list[Path]]:
+    """Pairs (image, mask, key) among the files of one folder (sibling naming), and the unmatched masks."""
     entries = _image_entries(folder)
-    masks = {strip_token(stem_of(p), MASK_TOKENS)[0]: p for p in entries if strip_token(stem_of(p), MASK_TOKENS)[1]}
-    pairs = []
-    for p in entries:
-        stem = stem_of(p)
-        if strip_token(stem, MASK_TOKENS)[1]:
-            continue
-        key = strip_token(stem, IMAGE_TOKENS)[0]
-        mask = masks.get(stem) or masks.get(key)
-        pairs.append((p, mask, key))
-    return pairs
+    masks = [(p, base) for p in entries if (base := _mask_base(p)) is not None]
+    return _pair([p for p in entries if _mask_base(p) is None], masks)
 
 
-def _pair_dirs(img_dir: Path, mask_dir: Path) -> list[tuple[Path, Path | None, str]]:
-    """Pairs between an images/ folder and a masks/ folder, matched by key."""
-    masks = {}
-    for m in _image_entries(mask_dir):
-        masks[strip_token(stem_of(m), MASK_TOKENS)[0]] = m
-    pairs = []
-    for p in _image_entries(img_dir):
-        stem = stem_of(p)
-        key = strip_token(stem, IMAGE_TOKENS)[0]
-        pairs.append((p, masks.get(stem) or masks.get(key), key))
-    return pairs
+def _pair_dirs(img_dir: Path, mask_dir: Path) -> tuple[list[tuple[Path, Path | None, str]], list[Path]]:
+    """Pairs between an images/ folder and a masks/ folder, matched by key (a ``X_mask.png`` beside
+    the images is a candidate too), and the unmatched masks."""
+    entries = _image_entries(img_dir)
+    masks = [(m, _mask_base(m, token_needed=False)) for m in _image_entries(mask_dir)]
+    masks += [(p, base) for p in entries if (base := _mask_base(p)) is not None]
+    return _pair([p for p in entries if _mask_base(p) is None], masks)
 
 
-def _walk(root: Path, folder: Path, out: list[Sample], seen: set[Path]) -> None:
+def _walk(root: Path, folder: Path, out: list[Sample], seen: set[Path], orphans: list[Path]) -> None:
     real = folder.resolve()
     if real in seen:  # symlink loops
         return
     seen.add(real)
     names = {p.name: p for p in folder.iterdir() if p.is_dir()}
     img_dirs = [names[d] for d in IMAGE_DIRS if d in names]
+    used_mask_dirs = set()
     for img_dir in img_dirs:
         mask_dir = next((names[d] for d in _mask_dirs_for(img_dir.name) if d in names), None)
-        pairs = _pair_dirs(img_dir, mask_dir) if mask_dir else _pair_folder(img_dir)
+        pairs, unused = _pair_dirs(img_dir, mask_dir) if mask_dir else _pair_folder(img_dir)
+        used_mask_dirs.add(mask_dir)
         out.extend(_sample(root, img, mask, key) for img, mask, key in pairs)
-    out.extend(_sample(root, img, mask, key) for img, mask, key in _pair_folder(folder))
+        orphans.extend(unused)
+    pairs, unused = _pair_folder(folder)
+    out.extend(_sample(root, img, mask, key) for img, mask, key in pairs)
+    orphans.extend(unused)
+    for d in MASK_DIRS:  # a masks/ folder without its images/ folder: its masks go unused
+        if d in names and names[d] not in used_mask_dirs:
+            orphans.extend(_image_entries(names[d]))
     for sub in sorted(names.values()):
         if sub in img_dirs or sub.name in MASK_DIRS or sub.name.startswith(".") or is_dicom_series_dir(sub):
             continue
-        _walk(root, sub, out, seen)
+        _walk(root, sub, out, seen, orphans)
+
+
+def _report_orphans(root: Path, orphans: list[Path]) -> None:
+    """Warn (once per data folder and set of files) about masks that no image took (a renamed or missing image).
+    Not an error: nothing is misread, and a data set may keep labels of images left out on purpose."""
+    if not orphans or (root, tuple(orphans)) in _REPORTED:
+        return
+    _REPORTED.add((root, tuple(orphans)))
+    shown = ", ".join(str(m) for m in orphans[:3]) + (f" and {len(orphans) - 3} more" if len(orphans) > 3 else "")
+    log.warning("%d mask file(s) in %s have no image and are not used: %s; an image and its mask must sit side by "
+                "side (X.png + X_mask.png) or in images/ + masks/ with the same name (see README, 'Data layouts')",
+                len(orphans), root, shown)
+
+
+#: (data folder, unmatched masks) already reported: discovery runs several times per command
+_REPORTED: set[tuple[Path, tuple[Path, ...]]] = set()
 
 
 def _mask_dirs_for(img_dir: str) -> tuple[str, ...]:
@@ -145,7 +178,8 @@ def discover(root: str | Path) -> list[Sample]:
     if root.is_file() or is_dicom_series_dir(root):
         return [Sample(image=root, mask=None, case=stem_of(root), key=stem_of(root))]
     out: list[Sample] = []
-    _walk(root, root, out, set())
+    orphans: list[Path] = []
+    _walk(root, root, out, set(), orphans)
     if not out:
         masks = _mask_files(root)
         if masks:
@@ -157,6 +191,7 @@ def discover(root: str | Path) -> list[Sample]:
         raise MedanomalyError(
             f"no images found in {root}; supported files: {', '.join(IMAGE_SUFFIXES)} or DICOM series folders"
         )
+    _report_orphans(root, orphans)
     return sorted(out, key=lambda s: (s.case, _natural_key(s.image.relative_to(root).as_posix())))
 
 

@@ -31,11 +31,19 @@ from medanomaly.evaluate.report import GalleryItem, select_gallery, write_report
 from medanomaly.infer.overlay import best_slice
 from medanomaly.infer.predictor import Predictor
 from medanomaly.infer.volume import iter_volumes, slice_predictions
-from medanomaly.infer.write import check_output_dir, output_stem, write_prediction
+from medanomaly.infer.write import (
+    check_output_dir,
+    check_outputs,
+    output_stems,
+    write_prediction,
+)
 from medanomaly.io import read_image, read_mask, stem_of
 from medanomaly.metrics import functional as M
 
 log = logging.getLogger(__name__)
+#: what evaluate writes into --out (besides predictions/ with --model), and the intensity baseline's model files
+EVALUATE_FILES = ("cases.csv", "summary.json", "report.html")
+BASELINE_FILES = tuple(f"baseline-model/{name}" for name in ("model.json", "config.json", "splits.json"))
 CASE_FIELDS = ["case", "n_images", "dice", "iou", "sensitivity", "specificity", "precision", "tp", "fp", "fn",
                "tn", "n_true_lesions", "n_pred_lesions"]
 
@@ -167,7 +175,10 @@ def select(data: Path, split: str | None, splits_file: str | Path | None) -> lis
     if splits_file is None:
         raise MedanomalyError(f"--split {split} needs a split file: pass --splits FILE (the model's splits.json) "
                               f"or put splits.json in {data}; or pass --split all")
-    cases = set(load_splits(splits_file, sorted({s.case for s in samples}))[split])
+    splits = load_splits(splits_file, sorted({s.case for s in samples}))
+    if split not in splits:  # checked here, once the split file is read, before anything is predicted
+        raise MedanomalyError(f"--split {split!r} is not a split of {splits_file}; valid: all, {', '.join(splits)}")
+    cases = set(splits[split])
     chosen = [s for s in samples if s.case in cases]
     if not chosen:
         raise MedanomalyError(f"split '{split}' of {splits_file} has no labelled images in {data}")
@@ -206,6 +217,12 @@ def _history(model_dir: Path) -> list[dict] | None:
         return list(csv.DictReader(fh))
 
 
+def prediction_stems(pred_dir: Path, data: Path, samples: Sequence[Sample]) -> dict[Path, Path]:
+    """Where the predictions of the samples go, as ``predict DATA --out pred_dir`` names them: below
+    ``pred_dir`` as the images are below ``data``, one name per image (:func:`output_stems`)."""
+    return output_stems(pred_dir, [(data, s.image) for s in samples])
+
+
 def _predict_and_score(predictor, samples: list[Sample], data: Path, pred_dir: Path | None,
                        progress: bool) -> Accumulator:
     """Run ``predictor`` on each sample as ``predict`` does (writing under pred_dir if given) and
@@ -213,12 +230,13 @@ def _predict_and_score(predictor, samples: list[Sample], data: Path, pred_dir: P
     if getattr(predictor, "dim", 2) == 3:  # whole volumes (stacked slices too), written slice by slice
         return predict_and_score_3d(predictor, samples, data, pred_dir, progress)
     acc = Accumulator()
+    stems = prediction_stems(pred_dir, data, samples) if pred_dir is not None else {}
     for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
         img = read_image(s.image)
         truth = read_mask(s.mask, like=img)  # before writing anything for this sample
         pred = predictor.predict(img)
         if pred_dir is not None:
-            write_prediction(pred, output_stem(pred_dir, data, s.image))
+            write_prediction(pred, stems[s.image])
         acc.add(s.case, pred.mask, truth, pred.score, img.array if pred_dir is not None else None)
         if predictor.anomaly is not None:  # image-level detection, per 2D image (slice)
             acc.add_detection(pred.score, truth, predictor.anomaly)
@@ -227,16 +245,19 @@ def _predict_and_score(predictor, samples: list[Sample], data: Path, pred_dir: P
 
 def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, split: str | None = "test",
                    splits_file: str | Path | None = None, device: str = "cpu", progress: bool = True,
-                   synthetic: bool = False) -> dict:
+                   synthetic: bool = False, overwrite: bool = False) -> dict:
     """Predict the ``split`` of ``data`` with the model (exactly as ``predict`` does, writing the
     same files under ``out/predictions``), then score. The model's own splits.json is the
     default split file, so test cases are the ones training never saw. An anomaly model is
-    compared with the intensity baseline, calibrated on the same validation split."""
+    compared with the intensity baseline, calibrated on the same validation split. Earlier
+    results in ``out`` are replaced only with ``overwrite`` (checked before predicting)."""
     model_dir, data, out = Path(model_dir), Path(data), Path(out)
-    check_output_dir(out, [data])
+    check_output_dir(out, [data, model_dir])
     if splits_file is None and split is not None and (model_dir / "splits.json").is_file():
         splits_file = model_dir / "splits.json"
     samples = select(data, split, splits_file)
+    check_outputs(out, list(prediction_stems(out / "predictions", data, samples).values()), overwrite,
+                  extra=EVALUATE_FILES + BASELINE_FILES)
     predictor = Predictor(model_dir, device)
     acc = _predict_and_score(predictor, samples, data, out / "predictions", progress)
     post = predictor.post.to_dict()
@@ -262,13 +283,16 @@ def _baseline_summary(model_dir: Path, data: Path, base_dir: Path, samples: list
 
 
 def evaluate_predictions(pred_dir: str | Path, data: str | Path, out: str | Path, split: str | None = None,
-                         splits_file: str | Path | None = None, progress: bool = True) -> dict:
+                         splits_file: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> dict:
     """Score existing ``*_pred.*`` files (from medanomaly or any tool named the same way);
-    ``*_score.*`` files, where present, give AUROC/AUPRC."""
+    ``*_score.*`` files, where present, give AUROC/AUPRC. Earlier results in ``out`` are replaced
+    only with ``overwrite``."""
     pred_dir, data, out = Path(pred_dir), Path(data), Path(out)
-    check_output_dir(out, [data])
+    check_output_dir(out, [data, pred_dir])
+    samples = select(data, split, splits_file)
+    check_outputs(out, [], overwrite, extra=EVALUATE_FILES)
     acc, missing = Accumulator(), []
-    for s in tqdm(select(data, split, splits_file), desc="evaluate", unit="img", disable=not progress):
+    for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
         p = find_prediction(pred_dir, data, s)
         if p is None:
             missing.append(s.image)
@@ -289,13 +313,14 @@ def predict_and_score_3d(predictor, samples: Sequence[Sample], data: Path, pred_
     """:func:`medanomaly.evaluate.score._predict_and_score` for a 3D model: each volume predicted whole
     (post-processed in 3D), written (slice by slice for stacked slices) and scored. Returns the Accumulator."""
     acc = Accumulator()
+    stems = prediction_stems(pred_dir, data, samples) if pred_dir is not None else {}
     for vc, image, slices, truth in iter_volumes(samples, progress, "evaluate"):
         pred = predictor.predict(image)
         parts = [(pred, truth, vc.images[0])] if slices is None else [
             (p, truth[k], vc.images[k]) for k, p in enumerate(slice_predictions(pred, slices))]
         for p, t, path in parts:
             if pred_dir is not None:
-                write_prediction(p, output_stem(pred_dir, data, path))
+                write_prediction(p, stems[path])
             acc.add(vc.case, p.mask, t, p.score, p.image.array if pred_dir is not None else None)
             if predictor.anomaly is not None:  # image-level detection, per 2D slice
                 acc.add_detection(p.score, t, predictor.anomaly)

@@ -4,11 +4,15 @@ on the CPU. :class:`TorchBackend` runs the PyTorch model in its precision on its
 :class:`medanomaly.infer.onnx_runtime.OnnxBackend` runs the exported graph with ONNX Runtime.
 
 :func:`load_weights` builds the network of a model file and loads ``model.pt`` without unpickling
-code (``weights_only=True``), with one clear error for each way the file can be wrong.
+code (``weights_only=True``), with one clear error for each way the file can be wrong: missing,
+truncated, code-carrying, of another network, changed since calibration (its SHA-256 differs from
+the one model.json records) or holding non-finite values (NaN or infinite weights).
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
 import re
 import warnings
@@ -44,16 +48,50 @@ class TorchBackend:
             return self.model(x).float().cpu()
 
 
-def load_weights(model_dir: Path, cfg: UNetConfig, device: torch.device) -> torch.nn.Module:
+def weights_sha256(path: Path) -> str:
+    """The SHA-256 (hex) of the weights file ``path``, as model.json records it."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_weights(model_dir: Path, cfg: UNetConfig, device: torch.device,
+                 sha256: str | None = None) -> torch.nn.Module:
     """The network ``cfg`` with the weights of ``model_dir/model.pt``, in eval mode on ``device``
-    (2D: channels-last). MedanomalyError for a missing, damaged, foreign or code-carrying file."""
+    (2D: channels-last). MedanomalyError for a missing, damaged, foreign or code-carrying file, for
+    one whose SHA-256 is not ``sha256`` (None: not recorded, version 1 directories) and for
+    non-finite weights."""
     path = model_dir / "model.pt"
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise MedanomalyError(f"{path} is missing; the model directory is incomplete: retrain") from exc
+    state = _unpickle(raw, path)
+    if sha256 is not None and (found := hashlib.sha256(raw).hexdigest()) != sha256:
+        raise MedanomalyError(f"{path} is not the weights file this model was calibrated with: its SHA-256 is "
+                              f"{found[:12]}..., {model_dir / 'model.json'} records {sha256[:12]}...; it was "
+                              "changed or damaged after training. Restore model.pt from the training run (or a "
+                              "backup) or retrain")
+    try:
+        model = build_model(cfg)
+        model.load_state_dict(state)
+    except Exception as exc:  # weights of another architecture, or not a state dict
+        raise MedanomalyError(f"the weights {path} do not fit the network described in {model_dir / 'model.json'} "
+                              f"({_first_line(exc, skip='Error(s) in loading')}); the two files come from different "
+                              "models: restore the pair from one training run or retrain") from exc
+    _check_finite(state, path)
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if cfg.dim == 2 else model
+
+
+def _unpickle(raw: bytes, path: Path) -> dict:
+    """The state dict in the bytes of ``path``, loaded without running code (``weights_only``)."""
     try:
         with warnings.catch_warnings():  # torch warns about the pickle protocol of foreign files
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError as exc:
-        raise MedanomalyError(f"{path} is missing; the model directory is incomplete: retrain") from exc
+            return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:  # code or objects other than tensors: refused, nothing ran
         found = re.search(r"Unsupported (global: GLOBAL \S+|operand \d+)", str(exc))
         raise MedanomalyError(f"refused to load {path}: it is not a plain weights file ("
@@ -62,15 +100,16 @@ def load_weights(model_dir: Path, cfg: UNetConfig, device: torch.device) -> torc
     except Exception as exc:  # truncated or not a PyTorch file at all
         raise MedanomalyError(f"cannot read weights {path} ({type(exc).__name__}: {_first_line(exc)}); the file is "
                               "truncated or damaged: restore it or retrain") from exc
-    try:
-        model = build_model(cfg)
-        model.load_state_dict(state)
-    except Exception as exc:  # weights of another architecture, or not a state dict
-        raise MedanomalyError(f"the weights {path} do not fit the network described in {model_dir / 'model.json'} "
-                              f"({_first_line(exc, skip='Error(s) in loading')}); the two files come from different "
-                              "models: restore the pair from one training run or retrain") from exc
-    model = model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if cfg.dim == 2 else model
+
+
+def _check_finite(state: dict, path: Path) -> None:
+    """Refuse weights with NaN or infinite values: they score every pixel NaN (a diverged run, or a
+    damaged file that still unpickles)."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise MedanomalyError(f"{path} holds non-finite weights (NaN or infinite values in {len(bad)} of its "
+                              f"{len(state)} tensors, e.g. {bad[0]!r}); it would score every pixel NaN. Restore "
+                              "model.pt from the training run, or retrain (a diverged run: lower --lr)")
 
 
 def _first_line(exc: Exception, skip: str = "") -> str:

@@ -29,6 +29,7 @@ import torch
 from medanomaly.config.model_file import ModelFile, read_model_file
 from medanomaly.core.atomic import atomic_path, atomic_write_text
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.outputs import check_new_file
 from medanomaly.core.version import __version__
 from medanomaly.infer.backend import load_weights
 from medanomaly.infer.onnx_runtime import (
@@ -56,7 +57,7 @@ NORMALIZATION_MEANING = {
 }
 
 
-def export_onnx(model_dir: Path, out_path: Path | None = None, opset: int = 17) -> Path:
+def export_onnx(model_dir: Path, out_path: Path | None = None, opset: int = 17, overwrite: bool = False) -> Path:
     """Export the network of ``model_dir`` to ONNX (``out_path``, default ``model_dir/model.onnx``)
     and write the sidecar ``<out_path>.json``; return ``out_path``.
 
@@ -65,20 +66,22 @@ def export_onnx(model_dir: Path, out_path: Path | None = None, opset: int = 17) 
     ``reconstruction`` (anomaly). Both files are written atomically. After export, ONNX Runtime is
     run on two random images and compared with the PyTorch network (fp32): a difference above
     :data:`VERIFY_ATOL` is an error; the value found is recorded in the sidecar. Raises
-    :class:`MedanomalyError` for a model without a network (the 'intensity' anomaly method) and for
-    anything that stops the export.
+    :class:`MedanomalyError` for a model without a network (the 'intensity' anomaly method), for an
+    ``out_path`` that cannot be a file or whose file or sidecar exists already (without
+    ``overwrite``; checked before exporting) and for anything that stops the export.
     """
     model_dir = Path(model_dir)
     mf = read_model_file(model_dir)
     if not mf.has_network:
         raise MedanomalyError(f"{model_dir} uses the '{mf.anomaly.method if mf.anomaly else '?'}' anomaly method, "
                               "which has no network: nothing to export (its score is the normalised intensity itself)")
-    net = load_weights(model_dir, mf.model, torch.device("cpu"))
+    out_path = Path(out_path) if out_path is not None else model_dir / "model.onnx"
+    check_export_out(out_path, overwrite)
+    net = load_weights(model_dir, mf.model, torch.device("cpu"), mf.weights_sha256)
     if not isinstance(opset, int) or not 13 <= opset <= 20:
         raise MedanomalyError(f"ONNX opset {opset!r} is not supported; use 13..20 (default 17)")
     require("onnx")  # torch.onnx.export (dynamo=False) serialises through it
     require("onnxruntime")  # the check after export
-    out_path = Path(out_path) if out_path is not None else model_dir / "model.onnx"
     name, shape = output_name(mf), network_input_shape(mf)
     model = net.float().to(memory_format=torch.contiguous_format).eval()
     with atomic_path(out_path) as tmp:
@@ -88,6 +91,12 @@ def export_onnx(model_dir: Path, out_path: Path | None = None, opset: int = 17) 
     sidecar = describe(mf, model_dir, out_path, opset, digest, max_diff)
     atomic_write_text(sidecar_path(out_path), json.dumps(sidecar, indent=2))
     return out_path
+
+
+def check_export_out(out_path: Path, overwrite: bool) -> None:
+    """``out_path`` and its sidecar can be written as files, and replace nothing without ``overwrite``."""
+    check_new_file(out_path, overwrite)
+    check_new_file(sidecar_path(out_path), overwrite, "its sidecar")
 
 
 def _torch_export(model: torch.nn.Module, example: torch.Tensor, path: Path, out_name: str, opset: int) -> None:

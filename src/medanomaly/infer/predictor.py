@@ -93,20 +93,23 @@ class Predictor:
 
     ``runtime``: 'torch' (the PyTorch network on ``device``, in the model's precision) or 'onnx'
     (``onnx_path``, default ``model_dir/model.onnx``, run by ONNX Runtime on the CPU in fp32).
-    ``batch_size``: 2D slices per network call.
+    ``batch_size``: 2D slices per network call. ``model_file``: the model file to follow instead of
+    ``model_dir/model.json`` (calibration runs the model before that file exists); the weights are
+    ``model_dir/model.pt`` either way, checked against the SHA-256 the model file records.
     """
 
     def __init__(self, model_dir: str | Path, device: str | torch.device = "cpu", batch_size: int = 16,
-                 runtime: str = "torch", onnx_path: str | Path | None = None):
+                 runtime: str = "torch", onnx_path: str | Path | None = None, model_file: ModelFile | None = None):
         self.model_dir = Path(model_dir)
-        self.model_file: ModelFile = read_model_file(self.model_dir)
+        self.model_file: ModelFile = model_file if model_file is not None else read_model_file(self.model_dir)
         self.device, self.batch_size, self.runtime = torch.device(device), batch_size, runtime
         spec = self.model_file.input
         self.size, self.channels, self.normalization, self.tta = spec.size, spec.channels, spec.normalization, spec.tta
         self.dim, self.patch, self.spacing = spec.dim, spec.patch, spec.spacing  # 3D: voxels, mm
         self.post, self.task, self.anomaly = self.model_file.postprocess, self.model_file.task, self.model_file.anomaly
         has_net = self.model_file.has_network  # the 'intensity' anomaly method has no network to run
-        self.model = load_weights(self.model_dir, self.model_file.model, self.device) if has_net else None
+        self.model = (load_weights(self.model_dir, self.model_file.model, self.device, self.model_file.weights_sha256)
+                      if has_net else None)
         if runtime not in RUNTIMES:
             raise MedanomalyError(f"unknown runtime {runtime!r}; valid: {', '.join(RUNTIMES)}")
         self.backend: Backend | None = self._backend(onnx_path) if self.model is not None else None

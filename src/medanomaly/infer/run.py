@@ -19,7 +19,13 @@ from medanomaly.core.version import __version__
 from medanomaly.data.volumes import SLICE_SUFFIXES, VolumeCase, read_volume
 from medanomaly.infer.predictor import Predictor
 from medanomaly.infer.volume import slice_predictions
-from medanomaly.infer.write import check_output_dir, iter_inputs, output_stem, write_prediction
+from medanomaly.infer.write import (
+    check_output_dir,
+    check_outputs,
+    iter_inputs,
+    output_stems,
+    write_prediction,
+)
 from medanomaly.io import IMAGE_SUFFIXES, read_image
 
 log = logging.getLogger(__name__)
@@ -39,20 +45,21 @@ def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Pa
         if not given.exists():
             raise MedanomalyError(f"input {given} does not exist")
     check_output_dir(out, inputs)
-    if (out / "regions.json").exists() and not overwrite:
-        raise MedanomalyError(f"{out} already holds predictions; pass --overwrite or choose another --out")
     items = list(iter_inputs(inputs))
     if not items:
         raise MedanomalyError(f"no images found in {', '.join(map(str, inputs))} (masks and earlier outputs are "
                               f"skipped); supported files: {', '.join(IMAGE_SUFFIXES)} or DICOM series folders")
+    stems = output_stems(out, items)  # one name per input: two inputs never share an output
+    check_outputs(out, list(stems.values()), overwrite, extra=("regions.json",))
     predictor = Predictor(model_dir, device, runtime=runtime)
     records, failed = [], []
     if predictor.dim == 3:  # 3D model: a folder of 2D slices is one stacked volume (rank 0 predicts all)
-        recs, fails = predict_items_3d(predictor, items if distributed.is_main() else [], out, dicom_seg, progress)
+        recs, fails = predict_items_3d(predictor, items if distributed.is_main() else [], out, stems, dicom_seg,
+                                       progress)
         records, failed, items = list(enumerate(recs)), list(enumerate(fails)), []
     rank, world = distributed.rank(), distributed.world_size()  # under torchrun: every world-th file here
-    for k, (root, path) in enumerate(tqdm(items[rank::world], desc="predict", unit="img", disable=not progress)):
-        stem, index = output_stem(out, root, path), k * world + rank
+    for k, (_, path) in enumerate(tqdm(items[rank::world], desc="predict", unit="img", disable=not progress)):
+        stem, index = stems[path], k * world + rank
         try:
             rec = write_prediction(predictor.predict(read_image(path)), stem, dicom_seg)
         except MedanomalyError as exc:
@@ -70,17 +77,17 @@ def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Pa
     return {"n_ok": len(records), "failed": failed, "out": str(out)}
 
 
-def predict_items_3d(predictor: Predictor, items: list[tuple[Path, Path]], out: Path, dicom_seg: bool,
-                     progress: bool) -> tuple[list[dict], list[dict]]:
+def predict_items_3d(predictor: Predictor, items: list[tuple[Path, Path]], out: Path, stems: dict[Path, Path],
+                     dicom_seg: bool, progress: bool) -> tuple[list[dict], list[dict]]:
     """predict's loop for a 3D model: the 2D slice files of one folder are stacked and predicted
-    as one volume, then written slice by slice; other inputs one by one. (records, failed)."""
+    as one volume, then written slice by slice (to ``stems[path]``); other inputs one by one.
+    (records, failed)."""
     groups: dict[tuple, list[tuple[Path, Path]]] = {}
     for root, path in items:
         stack = path.is_file() and path.suffix.lower() in SLICE_SUFFIXES
         groups.setdefault((root, path.parent) if stack else (root, path), []).append((root, path))
     records, failed = [], []
     for group in tqdm(list(groups.values()), desc="predict", unit="vol", disable=not progress):
-        root = group[0][0]
         try:
             vc = VolumeCase("", tuple(p for _, p in group), (None,) * len(group))
             image, slices = read_volume(vc)
@@ -88,7 +95,7 @@ def predict_items_3d(predictor: Predictor, items: list[tuple[Path, Path]], out: 
             parts = [pred] if slices is None else slice_predictions(pred, slices)
             written = []
             for p, path in zip(parts, vc.images):
-                stem = output_stem(out, root, path)
+                stem = stems[path]
                 written.append({"case": str(stem.relative_to(out)), **write_prediction(p, stem, dicom_seg)})
         except MedanomalyError as exc:
             log.info("skipped %s (reported at the end)", group[0][1].parent if len(group) > 1 else group[0][1].name)

@@ -5,7 +5,7 @@ The windows and weights are those of nnU-Net and of MONAI's ``sliding_window_inf
 ``int(patch * (1 - overlap))`` voxels, the last one of each axis is moved back to end at the
 border, an input smaller than the patch is zero-padded symmetrically, and each voxel's output
 is the importance-weighted mean of the windows that cover it. MONAI is not a dependency of
-medanomaly (it is a bench extra); ``tests/data/test_volumes.py`` checks that this function gives
+medanomaly (it is a bench extra); ``tests/infer/test_sliding.py`` checks that this function gives
 MONAI's output where MONAI is installed, and ``bench/speed.py`` times both.
 
 Shapes: ``volume`` (C, *S) with S = (Z, Y, X) (any number of spatial axes works); ``forward``

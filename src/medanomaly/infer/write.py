@@ -3,28 +3,61 @@ outputs go, and writing one prediction back in its input's own geometry and form
 
 For an input ``rel/stem.ext`` below an input root, :func:`write_prediction` writes
 ``rel/stem_pred.<ext>`` (binary mask), ``rel/stem_score.<tif|nii.gz|nrrd>`` (float32 score map),
-``rel/stem_overlay.png`` and, for a DICOM series with ``dicom_seg``, ``rel/stem_seg.dcm``.
+``rel/stem_overlay.png`` and, for a DICOM series with ``dicom_seg``, ``rel/stem_seg.dcm``. Where two
+inputs would share ``rel/stem``, :func:`output_stems` names them by their paths below the inputs'
+common root (:func:`medanomaly.core.outputs.unique_stems`); :func:`check_outputs` refuses, before
+any work, an output folder that the policy of :mod:`medanomaly.core.outputs` does not allow.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 from pathlib import Path
 from typing import Iterator
 
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.outputs import (
+    check_out_path,
+    check_separate,
+    existing_outputs,
+    refuse_existing,
+    unique_stems,
+)
 from medanomaly.core.version import __version__
 from medanomaly.data.slices import is_mask_file
 from medanomaly.infer.overlay import best_slice, overlay_rgb, save_png
 from medanomaly.infer.predictor import Prediction
-from medanomaly.io import IMAGE_SUFFIXES, full_suffix, is_dicom_series_dir, stem_of, write_mask, write_score
+from medanomaly.io import (
+    IMAGE_SUFFIXES,
+    full_suffix,
+    is_dicom_series_dir,
+    stem_of,
+    write_mask,
+    write_score,
+)
 from medanomaly.io.dicomseg import write_dicom_seg
 from medanomaly.postprocess.ops import region_table
 
+log = logging.getLogger(__name__)
 OUTPUT_SUFFIXES = ("_pred", "_score", "_overlay", "_seg")  # of the stems this module writes
+#: what write_prediction adds to a stem: exact names, and names whose suffix the image format decides
+EXACT_TAILS, FORMAT_TAILS = ("_overlay.png", "_seg.dcm"), ("_pred", "_score")
 
 
 def iter_inputs(inputs: list[str | Path]) -> Iterator[tuple[Path, Path]]:
-    """(root, path) for each image below the inputs; masks and our own outputs are skipped."""
+    """(root, path) for each image below the inputs; masks and our own outputs are skipped, and an
+    image reached twice (given twice, or a file given with its folder) is predicted once."""
+    seen: set[str] = set()
+    for root, path in _candidates(inputs):
+        if (real := os.path.abspath(path)) in seen:  # a link is another name, kept: its outputs are named after it
+            log.info("%s is given more than once; predicted once", path)
+            continue
+        seen.add(real)
+        yield root, path
+
+
+def _candidates(inputs: list[str | Path]) -> Iterator[tuple[Path, Path]]:
     for given in map(Path, inputs):
         if not given.exists():
             raise MedanomalyError(f"input {given} does not exist")
@@ -47,14 +80,24 @@ def output_stem(out: Path, root: Path, path: Path) -> Path:
     return out / rel.parent / stem_of(path)
 
 
+def output_stems(out: Path, items: list[tuple[Path, Path]]) -> dict[Path, Path]:
+    """``out/name`` for each (root, path) item: :func:`output_stem`'s ``rel/stem`` where no other
+    item has it, else a name from the path below the common root of the items
+    (:func:`medanomaly.core.outputs.unique_stems`); keyed by path."""
+    return {path: out / name for (_, path), name in zip(items, unique_stems(items, stem_of))}
+
+
 def check_output_dir(out: Path, inputs: list[str | Path]) -> None:
-    """predict/evaluate never write inside an input tree."""
-    out_r = out.resolve()
-    for given in map(Path, inputs):
-        root = given.resolve() if given.is_dir() else given.resolve().parent
-        if out_r == root or root in out_r.parents:
-            raise MedanomalyError(f"output folder {out} is inside the input {given}; choose an --out outside it "
-                                  "so inputs are never mixed with results")
+    """predict/evaluate: ``out`` can be a folder, is not inside an input tree and holds no input."""
+    check_out_path(out, "folder")
+    check_separate(out, inputs)
+
+
+def check_outputs(out: Path, stems: list[Path], overwrite: bool, extra: tuple[str, ...] = ()) -> None:
+    """Refuse, unless ``overwrite``, when a file that :func:`write_prediction` would write for one of
+    the ``stems`` exists already, or one of the ``extra`` names of ``out`` (e.g. regions.json)."""
+    found = existing_outputs([out / name for name in extra], ("",)) + existing_outputs(stems, EXACT_TAILS, FORMAT_TAILS)
+    refuse_existing(found, overwrite, out)
 
 
 def write_prediction(pred: Prediction, stem: Path, dicom_seg: bool = False) -> dict:

@@ -1,4 +1,5 @@
-"""DICOM reading: single files (single- or multi-frame) and series folders, with their geometry."""
+"""DICOM reading: single files (single- or multi-frame) and their geometry, and which folders are
+DICOM series (read by :mod:`~medanomaly.io.dicom_series`)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,11 @@ from typing import Any
 
 import numpy as np
 import pydicom
-from pydicom.pixels import apply_modality_lut, get_decoder
-from pydicom.uid import JPEG2000TransferSyntaxes
 
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.io.dicom_values import _dicom_attr, dicom_values, fill_padding
 from medanomaly.io.image import Geometry, _reversed_geometry, full_suffix
-from medanomaly.io.safety import _check_size, library_notes
+from medanomaly.io.safety import library_notes
 
 #: the package's logger, shared by its modules: records keep the name "medanomaly.io"
 logger = logging.getLogger("medanomaly.io")
@@ -62,47 +62,6 @@ def is_dicom_series_dir(path: str | Path) -> bool:
         return False
 
 
-def _dicom_attr(ds: pydicom.Dataset, keyword: str) -> Any:
-    """An attribute from the top level or the first (shared, then per-frame) functional group."""
-    if keyword in ds:
-        return ds[keyword].value
-    for group in ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"):
-        for item in list(ds.get(group, []))[:1]:
-            for elem in item:
-                if elem.VR == "SQ" and elem.value and keyword in elem.value[0]:
-                    return elem.value[0][keyword].value
-    return None
-
-
-def _dicom_pixels(ds: pydicom.Dataset, path: Path) -> np.ndarray:
-    """Decoded, rescaled pixels: (C, H, W) or (C, F, H, W) for multi-frame."""
-    if "PixelData" not in ds:
-        raise MedanomalyError(f"{path} has no DICOM pixel data: it is truncated or a non-image "
-                              "object (e.g. a report); give a complete DICOM image instead")
-    tsuid = ds.file_meta.get("TransferSyntaxUID")
-    if tsuid is not None and tsuid.is_compressed:
-        try:
-            available = get_decoder(tsuid).is_available
-        except NotImplementedError:
-            available = False
-        if not available:
-            pkg = ("pylibjpeg pylibjpeg-openjpeg" if tsuid in JPEG2000TransferSyntaxes
-                   else "pylibjpeg pylibjpeg-libjpeg")
-            raise MedanomalyError(
-                f"{path}: DICOM transfer syntax '{tsuid.name}' ({tsuid}) is not supported because "
-                f"no decoder for it is installed; install one (pip install {pkg}) or convert the "
-                "file to an uncompressed transfer syntax (e.g. gdcmconv --raw)")
-    _check_size(path, _dicom_shape(ds), "DICOM image")
-    arr = np.asarray(apply_modality_lut(ds.pixel_array, ds), dtype=np.float32)
-    return np.moveaxis(arr, -1, 0) if int(ds.get("SamplesPerPixel", 1)) > 1 else arr[None]
-
-
-def _dicom_shape(ds: pydicom.Dataset) -> tuple[int, int, int, int]:
-    """(frames, rows, columns, samples per pixel) from the header, before decoding."""
-    return (int(ds.get("NumberOfFrames", 1) or 1), int(ds.get("Rows", 0) or 0),
-            int(ds.get("Columns", 0) or 0), int(ds.get("SamplesPerPixel", 1) or 1))
-
-
 def _numbers(value: Any, n: int) -> np.ndarray | None:
     """``value`` (a DICOM multi-value, list or single value) as ``n`` finite floats, else None
     (missing, another count, not numbers, NaN or inf)."""
@@ -116,13 +75,14 @@ def _numbers(value: Any, n: int) -> np.ndarray | None:
     return vals if vals.shape == (n,) and np.isfinite(vals).all() else None
 
 
-def _dicom_plane(ds: pydicom.Dataset, where: Path | None = None,
-                 strict: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
+def _dicom_plane(ds: pydicom.Dataset, where: Path | None = None, strict: bool = False,
+                 quiet: bool = False) -> tuple[np.ndarray, np.ndarray, bool]:
     """(3x3 LPS direction with columns row/column/normal, (dx, dy), spacing known).
 
     An invalid ImageOrientationPatient (not two perpendicular unit vectors, NaN...) raises when
     ``strict`` (a series needs it to order its slices), else falls back to the identity with a
-    warning; an invalid PixelSpacing (NaN, zero, negative, wrong count) is treated as unknown."""
+    warning; an invalid PixelSpacing (NaN, zero, negative, wrong count) is treated as unknown.
+    ``quiet``: no warnings (a series warns once, for the slice that gives its geometry)."""
     iop_raw = _dicom_attr(ds, "ImageOrientationPatient")
     iop = _numbers(iop_raw, 6)
     if iop is not None:
@@ -135,15 +95,16 @@ def _dicom_plane(ds: pydicom.Dataset, where: Path | None = None,
                 raise MedanomalyError(f"{where}: ImageOrientationPatient {_shown(iop_raw)} is not two perpendicular "
                                       "unit vectors, so the slices cannot be ordered; fix the header or convert "
                                       "the series with dcm2niix")
-            logger.warning("%s: invalid ImageOrientationPatient %s; using the identity orientation", where,
-                           _shown(iop_raw))
+            if not quiet:
+                logger.warning("%s: invalid ImageOrientationPatient %s; using the identity orientation", where,
+                               _shown(iop_raw))
         iop = np.array([1.0, 0.0, 0.0, 0.0, 1.0, 0.0])
     r, c = iop[:3], iop[3:]
     spacing_raw = _dicom_attr(ds, "PixelSpacing") or _dicom_attr(ds, "ImagerPixelSpacing")
     spacing = _numbers(spacing_raw, 2)
     if spacing is not None and (spacing <= 0).any():
         spacing = None
-    if spacing is None and spacing_raw is not None:
+    if spacing is None and spacing_raw is not None and not quiet:
         logger.warning("%s: invalid PixelSpacing %s; the pixel size is treated as unknown", where,
                        _shown(spacing_raw))
     dxdy = np.array([spacing[1], spacing[0]] if spacing is not None else [1.0, 1.0])
@@ -173,7 +134,8 @@ def _dicom_geometry(ds: pydicom.Dataset, shape: tuple[int, ...], dz: float,
 
 def _read_dicom_file(path: Path) -> tuple[np.ndarray, Geometry]:
     ds = pydicom.dcmread(path)
-    arr = _dicom_pixels(ds, path)
+    arr, pad = dicom_values(ds, path)
+    fill_padding(arr, pad, path)
     dz_raw = _dicom_attr(ds, "SpacingBetweenSlices") or _dicom_attr(ds, "SliceThickness")
     dz = _numbers(dz_raw, 1)
     dz = abs(float(dz[0])) if dz is not None and dz[0] != 0 else 1.0
@@ -183,48 +145,3 @@ def _read_dicom_file(path: Path) -> tuple[np.ndarray, Geometry]:
         logger.warning("%s: invalid ImagePositionPatient %s; placing the image at the origin", path,
                        _shown(ipp_raw))
     return arr, _dicom_geometry(ds, arr.shape[1:], dz, origin, path)
-
-
-def _read_dicom_series(folder: Path) -> tuple[np.ndarray, Geometry]:
-    datasets = [(f, pydicom.dcmread(f)) for f in series_files(folder)]
-    uids = {str(ds.get("SeriesInstanceUID", "")) for _, ds in datasets}
-    if len(uids) > 1:
-        raise MedanomalyError(f"{folder} holds {len(uids)} DICOM series; give each its own folder")
-    for f, ds in datasets:
-        if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
-            raise MedanomalyError(f"{f} lacks ImagePositionPatient/ImageOrientationPatient, so the "
-                                  f"slices of {folder} cannot be ordered; convert it with dcm2niix")
-    normal = _dicom_plane(datasets[0][1], datasets[0][0], strict=len(datasets) > 1)[0][:, 2]
-    positions = [_numbers(ds.ImagePositionPatient, 3) for _, ds in datasets]
-    for (f, ds), xyz in zip(datasets, positions):
-        if xyz is None:
-            raise MedanomalyError(f"{f}: ImagePositionPatient {_shown(ds.ImagePositionPatient)} is not 3 numbers, so "
-                                  f"the slices of {folder} cannot be ordered; fix the header or remove the slice")
-    pos = np.array([normal @ xyz for xyz in positions])
-    order = np.argsort(pos, kind="stable")
-    steps = np.diff(pos[order])
-    if len(datasets) > 1 and np.min(steps) < 1e-3:
-        k = int(np.argmin(steps))
-        a, b = (datasets[order[i]][0].name for i in (k, k + 1))
-        raise MedanomalyError(f"{folder} has several slices at the same position ({a} and {b}, at "
-                              f"{pos[order[k]]:.2f} mm: a duplicated slice, or several echoes, time points "
-                              "or series?); remove the duplicates, keep one volume per folder")
-    shapes = [_dicom_shape(ds) for _, ds in datasets]
-    odd = next((i for i in order if shapes[i] != shapes[order[0]]), None)
-    if odd is not None:
-        sizes = ["x".join(map(str, shapes[i][1:3])) for i in (odd, order[0])]
-        raise MedanomalyError(f"{folder}: slice {datasets[odd][0].name} is {sizes[0]} but "
-                              f"{datasets[order[0]][0].name} is {sizes[1]} (or they differ in frames or "
-                              "channels); keep one single-frame series of one size per folder")
-    _check_size(folder, (len(datasets), *shapes[order[0]]), "DICOM series")
-    dz = float(np.median(steps)) if len(steps) else 1.0
-    if len(steps) and np.ptp(steps) > 0.01 * dz:
-        logger.warning("%s: uneven slice spacing (%.3f-%.3f mm)", folder, steps.min(), steps.max())
-    slices = [_dicom_pixels(datasets[i][1], datasets[i][0]) for i in order]
-    if len({s.shape for s in slices}) > 1 or slices[0].ndim != 3:
-        raise MedanomalyError(f"{folder}: slices differ in size or are multi-frame; keep one "
-                              "single-frame series per folder (or read multi-frame files alone)")
-    arr = np.stack(slices, axis=1)
-    first = datasets[order[0]][1]
-    return arr, _dicom_geometry(first, arr.shape[1:], dz, positions[order[0]], folder)
-

@@ -20,16 +20,28 @@ other patient IDs, comments, ...) and the optional Patient Study and Clinical Tr
 removed, and so is the description of the source's acquisition equipment that highdicom adds by
 default (it holds InstitutionName, InstitutionAddress, StationName and the scanner's serial number).
 The series is described as "medanomaly lesion mask"; the equipment is medanomaly itself.
+
+Identifiers never reach a message or a log: header values are neither logged nor quoted in errors.
+The library's exception texts and warnings (which quote the offending value) are replaced by fixed
+text naming the attribute's keyword only, and highdicom's own log lines (which name source UIDs) are
+silenced while it runs. A copied Type 2 attribute whose value is not valid for its VR (a
+PatientBirthDate "1990-13-45", a PatientSex "X") is written empty, as the standard allows for
+Type 2, rather than failing; Type 1 references (UIDs) are copied as the source has them, and one
+that highdicom refuses is named by keyword.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import pydicom
+from pydicom.errors import InvalidDicomError
+from pydicom.valuerep import DA, TM, VALIDATORS
 
 from medanomaly.core.atomic import atomic_path
 from medanomaly.core.errors import MedanomalyError
@@ -75,7 +87,58 @@ _TYPE2_FROM_SOURCE = ("PatientName", "PatientID", "PatientBirthDate", "PatientSe
 _TYPE1_FROM_SOURCE = ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
                       "FrameOfReferenceUID", "Rows", "Columns")
 
+_SEXES = ("", "M", "F", "O")  # PatientSex's enumerated values (C.7.1.1), as highdicom checks them
+_PARSED = {"DA": DA, "TM": TM}  # highdicom parses these VRs into dates/times: the value must convert too
+_UNSEARCHED_VRS = frozenset({"SQ", "OB", "OW", "OD", "OF", "OL", "OV", "UN"})  # no text to match an error against
+
 log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _quiet(notes: list[str]) -> Iterator[None]:
+    """pydicom's and highdicom's complaints into ``notes`` (never logged as such: they quote header
+    values), and highdicom's log lines silenced (its info lines name the source instance UIDs)."""
+    hd_log = logging.getLogger("highdicom")
+    level = hd_log.level
+    hd_log.setLevel(logging.CRITICAL + 1)  # its children log through it; its errors come back as exceptions
+    try:
+        with library_notes(notes):
+            yield
+    finally:
+        hd_log.setLevel(level)
+
+
+def _log_notes(where: str, notes: list[str]) -> None:
+    """Say that the libraries complained, without their text (it quotes header values)."""
+    if notes:
+        log.warning("%s: pydicom/highdicom reported %d problem(s) with header values (not shown: they may hold "
+                    "patient identifiers)", where, len(dict.fromkeys(notes)))
+
+
+def _keyword_quoted(text: str, datasets: Sequence[pydicom.Dataset]) -> str | None:
+    """The keyword of the header attribute whose value ``text`` (a library's error) quotes, if any
+    (the longest such value wins); so that a refusal can name the attribute but not its value."""
+    best: tuple[int, str] | None = None
+    with library_notes([]):  # reading the values again: the same complaints, already counted
+        for ds in datasets:
+            for elem in ds:
+                if elem.VR in _UNSEARCHED_VRS or not elem.keyword:
+                    continue
+                value = str(elem.value).strip()
+                if len(value) >= 3 and value in text and (best is None or len(value) > best[0]):
+                    best = (len(value), elem.keyword)
+            if best is not None:
+                return best[1]
+    return None
+
+
+def _refusal(what: str, exc: Exception, datasets: Sequence[pydicom.Dataset], fix: str) -> MedanomalyError:
+    """A library error as a MedanomalyError built from fixed text and a keyword, never its text."""
+    keyword = _keyword_quoted(str(exc), datasets)
+    detail = (f"pydicom/highdicom refused the value of {keyword} ({type(exc).__name__})" if keyword else
+              f"{type(exc).__name__} in pydicom/highdicom")
+    return MedanomalyError(f"{what}: {detail} (the library's message is not shown: it may quote patient "
+                           f"identifiers); {fix}")
 
 
 def _normal(ds: pydicom.Dataset) -> np.ndarray:
@@ -90,27 +153,39 @@ def sorted_series_datasets(series_dir: str | Path) -> list[pydicom.Dataset]:
     if not folder.is_dir():
         raise MedanomalyError(f"{folder} is not a folder; give the DICOM series folder the mask was predicted on")
     notes: list[str] = []
-    try:
-        with library_notes(notes):  # pydicom's complaints: logged once, not as raw warnings
-            datasets = [pydicom.dcmread(f, stop_before_pixels=True) for f in series_files(folder)]
-    except Exception as exc:  # noqa: BLE001 - library errors become one user-facing error
-        raise MedanomalyError(f"cannot read the DICOM series {folder} ({type(exc).__name__}: {exc})") from exc
-    for note in dict.fromkeys(notes):
-        log.warning("%s: %s", folder, note)
+    with _quiet(notes):  # pydicom's complaints: counted, not shown (they quote header values)
+        datasets = [_read_header(f, folder) for f in series_files(folder)]
+        n_series = len({str(ds.get("SeriesInstanceUID", "")) for ds in datasets} - {""})  # none: said later
+    _log_notes(str(folder), notes)
     if not datasets:
         raise MedanomalyError(f"{folder} holds no DICOM files")
-    if len({str(ds.get("SeriesInstanceUID", "")) for ds in datasets}) > 1:
+    if n_series > 1:
         raise MedanomalyError(f"{folder} holds several DICOM series; give each its own folder")
     for ds in datasets:
         if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
-            raise MedanomalyError(f"{folder}: a slice lacks ImagePositionPatient/ImageOrientationPatient, "
-                                  "so no DICOM SEG can reference the slices")
+            raise MedanomalyError(f"{folder}: {Path(ds.filename).name} lacks ImagePositionPatient/"
+                                  "ImageOrientationPatient, so no DICOM SEG can reference the slices")
     normal = _normal(datasets[0])
     pos = np.array([normal @ np.asarray(ds.ImagePositionPatient, float) for ds in datasets])
     order = np.argsort(pos, kind="stable")
     if len(order) > 1 and np.min(np.diff(pos[order])) < 1e-3:
         raise MedanomalyError(f"{folder} has several slices at the same position; keep one volume per folder")
     return [datasets[i] for i in order]
+
+
+def _read_header(path: Path, folder: Path) -> pydicom.Dataset:
+    """One slice's header; a MedanomalyError naming the file (pydicom's text only where it describes
+    the file's structure, never for errors that may quote a header value)."""
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except (InvalidDicomError, EOFError) as exc:
+        reason = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+    except Exception as exc:  # noqa: BLE001 - anything else: its text may quote a value
+        reason = f"{type(exc).__name__}; the header is damaged"
+    raise MedanomalyError(f"cannot read the DICOM series {folder}: {path.name} is not readable ({reason}); "
+                          "remove or re-export that file")
 
 
 def _highdicom():
@@ -125,15 +200,43 @@ def _highdicom():
 
 
 def _check_sources(sources: list[pydicom.Dataset], folder: Path) -> None:
-    """Type 1 references must be there; missing Type 2 attributes become empty (in memory only)."""
+    """Type 1 references must be there (copied as they are: they are the source's own); missing or
+    invalid Type 2 attributes become empty (in memory only), each said once by keyword, never by value."""
+    emptied: dict[str, None] = {}
     for ds in sources:
+        name = Path(ds.filename).name
         missing = [k for k in _TYPE1_FROM_SOURCE if not ds.get(k)]
         if missing:
-            raise MedanomalyError(f"{folder}: {Path(ds.filename).name} lacks {', '.join(missing)}, which a DICOM "
+            raise MedanomalyError(f"{folder}: {name} lacks {', '.join(missing)}, which a DICOM "
                                   "SEG needs to reference its source; no DICOM SEG can be made for this series")
         for keyword in _TYPE2_FROM_SOURCE:
             if keyword not in ds:
                 setattr(ds, keyword, None)  # empty, as Type 2 allows
+            elif not _valid(ds[keyword]):
+                ds[keyword].value = None  # made valid by emptying it, as Type 2 allows
+                emptied[keyword] = None
+    if emptied:
+        log.warning("%s: %s of the source series: not a valid DICOM value; written empty in the DICOM SEG (allowed "
+                    "for these Type 2 attributes)", folder, ", ".join(emptied))
+
+
+def _valid(elem: pydicom.DataElement) -> bool:
+    """Whether a copied attribute's value is what its VR allows (and what highdicom parses)."""
+    value = elem.value
+    if value is None or value == "":
+        return True
+    if elem.VM != 1:  # the attributes copied here are single-valued
+        return False
+    validator = VALIDATORS.get(elem.VR)
+    if validator is not None and not validator(elem.VR, value)[0]:
+        return False
+    if elem.keyword == "PatientSex" and str(value) not in _SEXES:
+        return False
+    try:
+        _PARSED.get(elem.VR, str)(value)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
 
 
 def _segment_description(label: str, algorithm: str, version: str):
@@ -178,12 +281,9 @@ def write_dicom_seg(mask: np.ndarray, series_dir: Path, out_path: Path, *, label
     AlgorithmIdentificationSequence naming ``algorithm`` and ``version``. Empty slices are left out
     of the SEG (readers treat missing frames as empty); an all-empty mask keeps every frame.
 
-    Privacy: the SEG carries only what the standard requires to reference its source: the
-    required (Type 1/2) Patient and General Study attributes copied from the source (PatientName,
-    PatientID, PatientBirthDate, PatientSex, the study's UID, date, time, ID, AccessionNumber,
-    ReferringPhysicianName), the FrameOfReferenceUID and the source instance UIDs. Optional
-    patient/study attributes and the source's acquisition equipment (InstitutionName, StationName,
-    ...) are removed; SeriesDescription is "medanomaly lesion mask". New Series/SOP Instance UIDs
+    Privacy (module docstring): only the required (Type 1/2) Patient and General Study attributes,
+    the FrameOfReferenceUID and the source instance UIDs are copied; invalid Type 2 values are
+    written empty; no header value is logged or quoted in an error. New Series/SOP Instance UIDs
     are generated for each call.
 
     The file is written atomically (a temporary file in the same folder, then ``os.replace``).
@@ -191,21 +291,26 @@ def write_dicom_seg(mask: np.ndarray, series_dir: Path, out_path: Path, *, label
     _highdicom()
     series_dir, out_path = Path(series_dir), Path(out_path)
     notes: list[str] = []
+    sources: list[pydicom.Dataset] = []
     try:
-        # pydicom validates values lazily, on access: keep its complaints in notes, logged once
-        with library_notes(notes):
-            _write(series_dir, out_path, np.asarray(mask) != 0, label=label, algorithm=algorithm, version=version)
+        # pydicom validates values lazily, on access: its complaints are counted, never shown
+        with _quiet(notes):
+            _write(series_dir, out_path, np.asarray(mask) != 0, sources, label=label, algorithm=algorithm,
+                   version=version)
     except MedanomalyError:
         raise
     except Exception as exc:  # noqa: BLE001 - highdicom's checks become one user-facing error
-        raise MedanomalyError(f"cannot build a DICOM SEG for {series_dir} ({type(exc).__name__}: {exc})") from exc
-    for note in dict.fromkeys(notes):
-        log.warning("%s: %s", out_path.name, note)
+        raise _refusal(f"cannot build a DICOM SEG for {series_dir}", exc, sources,
+                       "repair that attribute in the series, or predict with --no-dicom-seg") from None
+    _log_notes(out_path.name, notes)
     return out_path
 
 
-def _write(series_dir: Path, out_path: Path, mask: np.ndarray, *, label: str, algorithm: str, version: str) -> None:
-    sources = sorted_series_datasets(series_dir)
+def _write(series_dir: Path, out_path: Path, mask: np.ndarray, sources: list[pydicom.Dataset], *, label: str,
+           algorithm: str, version: str) -> None:
+    """Build and save the SEG; ``sources`` (empty) is filled with the series' datasets, for the
+    caller's error message."""
+    sources += sorted_series_datasets(series_dir)
     _check_sources(sources, series_dir)
     shape = (len(sources), int(sources[0].Rows), int(sources[0].Columns))
     if mask.shape != shape:
@@ -254,15 +359,22 @@ def read_dicom_seg(path: Path, series_dir: Path) -> np.ndarray:
     """
     hd = _highdicom()
     path = Path(path)
-    try:
-        seg = hd.seg.segread(path)
-    except Exception as exc:  # noqa: BLE001
-        raise MedanomalyError(f"cannot read DICOM SEG {path} ({type(exc).__name__}: {exc})") from exc
     sources = sorted_series_datasets(series_dir)
-    uids = [str(ds.SOPInstanceUID) for ds in sources]
-    _check_references(seg, uids, path, Path(series_dir))
-    pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids,
-                                               assert_missing_frames_are_empty=True, dtype=np.uint8)
+    notes: list[str] = []
+    seg = None
+    try:
+        with _quiet(notes):
+            seg = hd.seg.segread(path)
+            uids = [str(ds.SOPInstanceUID) for ds in sources]
+            _check_references(seg, uids, path, Path(series_dir))
+            pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids,
+                                                       assert_missing_frames_are_empty=True, dtype=np.uint8)
+    except MedanomalyError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - library errors become one user-facing error, without their text
+        raise _refusal(f"cannot read DICOM SEG {path}", exc, [seg, *sources] if seg is not None else sources,
+                       "give a DICOM SEG (BINARY or FRACTIONAL) made on this series") from None
+    _log_notes(path.name, notes)
     return pixels.any(axis=-1)
 
 

@@ -51,13 +51,33 @@ def _read_pillow(path: Path) -> tuple[np.ndarray, Geometry]:
     return arr, _raster_geometry(meta)
 
 
+def _check_pages(path: Path, tf: tifffile.TiffFile) -> None:
+    """Refuse a multi-page TIFF whose pages differ in size or type: its pages are not the channels
+    or slices of one image, and reading the first one alone would drop the others unnoticed."""
+    kinds: dict[tuple[tuple[int, ...], str], int] = {}
+    for page in tf.pages:
+        key = (tuple(int(s) for s in page.shape), str(page.dtype))
+        kinds[key] = kinds.get(key, 0) + 1
+    if len(kinds) > 1:
+        listed = "; ".join(f"{n} page{'s' if n > 1 else ''} {'x'.join(map(str, shape))} {dtype}"
+                           for (shape, dtype), n in kinds.items())
+        raise MedanomalyError(f"{path}: its {sum(kinds.values())} pages differ in size or type ({listed}), so they "
+                              "are not one image; save each page as its own file (or keep only the image page)")
+
+
 def _read_tiff(path: Path) -> tuple[np.ndarray, Geometry]:
     with tifffile.TiffFile(path) as tf:
         if not tf.series:
             raise MedanomalyError(f"{path}: the TIFF holds no image; re-export it")
-        series = tf.series[0]
-        _check_size(path, series.shape)
-        arr, axes, photometric = series.asarray(), series.axes, tf.pages[0].photometric
+        _check_pages(path, tf)
+        series, n_pages, first = tf.series[0], len(tf.pages), tf.pages[0]
+        if len(series.pages) < n_pages:  # agreeing pages that the writer put in several series: all of them
+            _check_size(path, (n_pages, *first.shape))
+            arr, axes = tf.asarray(key=range(n_pages)), "I" + first.axes
+        else:
+            _check_size(path, series.shape)
+            arr, axes = series.asarray(), series.axes
+        photometric = first.photometric
     if arr.ndim == 2:
         arr = arr[None]
     elif arr.ndim == 3 and axes.endswith("S"):

@@ -11,7 +11,8 @@ from typing import Callable
 import numpy as np
 
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.io.dicom import _has_dicm, _read_dicom_file, _read_dicom_series, is_dicom_series_dir
+from medanomaly.io.dicom import _has_dicm, _read_dicom_file, is_dicom_series_dir
+from medanomaly.io.dicom_series import _read_dicom_series
 from medanomaly.io.image import IMAGE_SUFFIXES, Geometry, Image, full_suffix
 from medanomaly.io.raster import _read_pillow, _read_tiff
 from medanomaly.io.safety import _permission_error, library_notes
@@ -69,9 +70,11 @@ def read_image(path: str | Path) -> Image:
     """Read a 2D/3D image file or a DICOM series folder as a float32 channels-first Image.
 
     Shapes: rasters (C, H, W) with C in {1, 3}; volumes and DICOM series (C, Z, Y, X).
-    DICOM values are rescaled to modality units (e.g. HU); other values are kept as stored.
+    DICOM values are in modality units (e.g. HU), high = bright (MONOCHROME1 inverted), padding
+    pixels set to the darkest other value; other values are kept as stored.
     Raises :class:`MedanomalyError` (and nothing else) for any file it cannot read, including
-    images above :data:`MAX_PIXELS` values (refused from the header) and unreadable files.
+    images above the size limit (:func:`~medanomaly.io.safety.pixel_limit`: MAX_PIXELS and the
+    available memory; refused from the header) and unreadable files.
     """
     p = Path(path)
     notes: list[str] = []
@@ -90,6 +93,8 @@ def read_image(path: str | Path) -> Image:
         msg = f"cannot read {p} ({type(exc).__name__}: {detail}); the file is damaged, truncated"
         raise MedanomalyError(msg + " or not the image type its name says; re-export it") from exc
     for note in dict.fromkeys(notes):  # once each, naming the file
+        if note.startswith("Invalid value for VR "):  # pydicom quotes the header value: it may identify
+            note = note.partition(":")[0] + " (value not shown)"
         logger.warning("%s: %s", p, note)
     g = geometry
     if not (np.isfinite([*g.spacing, *g.origin, *g.direction]).all() and min(g.spacing) > 0):

@@ -1,5 +1,6 @@
-"""Safety nets around the reading libraries: the size limit checked from headers, the capture
-of their warnings, log records and C++ stderr output, and the conversion of their errors."""
+"""Safety nets around the reading libraries: the size limit checked from headers (MAX_PIXELS and the
+available memory), the capture of their warnings, log records and C++ stderr output, and the
+conversion of their errors."""
 
 from __future__ import annotations
 
@@ -16,30 +17,100 @@ from typing import Any, Iterator
 from medanomaly.core.errors import MedanomalyError
 
 #: Largest image accepted, in values (voxels x channels), checked from the file header before decoding.
-#: Read at call time, so it can be raised: ``medanomaly.io.safety.MAX_PIXELS = ...``.
+#: Read at call time, so it can be raised: ``medanomaly.io.safety.MAX_PIXELS = ...``. The limit
+#: applied is the smaller of this and what the available memory allows (:func:`pixel_limit`).
 MAX_PIXELS = 2**28
+
+#: Float32 copies of an image that reading and predicting it hold at their peak: measured, predict
+#: on a 3000 x 3000 grey PNG peaked 1.36 GB above the interpreter and model, ~150 bytes per pixel
+#: (the issue's 10000 x 10000 PNG: 13 GB, ~130). 40 copies of 4 bytes = 160 bytes per value.
+SAFETY_FACTOR = 40
+
+_MEMINFO = Path("/proc/meminfo")
+#: (limit, usage, statistics) files of cgroup v2, then v1: a container's memory limit, which
+#: MemAvailable ignores
+_CGROUP_FILES = ((Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory.current"),
+                  Path("/sys/fs/cgroup/memory.stat")),
+                 (Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),
+                  Path("/sys/fs/cgroup/memory/memory.usage_in_bytes"), Path("/sys/fs/cgroup/memory/memory.stat")))
 
 
 def _max_pixels() -> int:
     return MAX_PIXELS
 
 
+def _read_int(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # absent, "max" (no limit), unreadable
+        return None
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still use: the smaller of the kernel's MemAvailable and the room left
+    under its cgroup's memory limit (a container's), or None where neither can be read (not Linux)."""
+    found = []
+    try:
+        for line in _MEMINFO.read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                found.append(int(line.split()[1]) * 1024)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    for limit_file, usage_file, stat_file in _CGROUP_FILES:
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # v1 writes ~2**63 for "no limit"
+            found.append(max(limit - usage + _inactive_file(stat_file), 0))
+            break
+    return min(found) if found else None
+
+
+def _inactive_file(stat_file: Path) -> int:
+    """Bytes of inactive page cache in a cgroup's memory.stat: counted in its usage, but reclaimed
+    before the limit bites (the "working set" of container runtimes leaves it out too)."""
+    try:
+        for line in stat_file.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key in ("inactive_file", "total_inactive_file"):  # cgroup v2, v1
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def pixel_limit() -> tuple[int, int | None]:
+    """(the largest image accepted now, in values; the available memory in bytes, or None).
+
+    The limit is the smaller of :data:`MAX_PIXELS` and the available memory divided by
+    :data:`SAFETY_FACTOR` float32 copies (4 bytes each)."""
+    memory = available_memory()
+    by_memory = memory // (4 * SAFETY_FACTOR) if memory is not None else None
+    return (min(_max_pixels(), by_memory) if by_memory is not None else _max_pixels()), memory
+
+
 def _check_size(path: Path, shape: Any, what: str = "image") -> None:
-    """Refuse an image of ``shape`` (sizes of every axis, channels included) above MAX_PIXELS,
+    """Refuse an image of ``shape`` (sizes of every axis, channels included) above :func:`pixel_limit`,
     or with a negative or zero size, before its pixels are decoded."""
     dims = [int(s) for s in shape]
+    size = "x".join(map(str, dims))
     if any(d <= 0 for d in dims):
-        raise MedanomalyError(f"{path}: the header gives the {what} size {'x'.join(map(str, dims))}, "
+        raise MedanomalyError(f"{path}: the header gives the {what} size {size}, "
                               "with an empty axis; the file is damaged or holds no pixels: re-export it")
     n = 1
     for d in dims:
         n *= d  # Python ints: no overflow on crafted headers
-    limit = _max_pixels()
-    if n > limit:
-        raise MedanomalyError(
-            f"{path}: the header gives the {what} size {'x'.join(map(str, dims))} = {n:,} values, above "
-            f"the limit of {limit:,} (medanomaly.io.safety.MAX_PIXELS); if the header is right, crop or "
-            "downsample the image first (if it is wrong, the file is damaged: re-export it)")
+    limit, memory = pixel_limit()
+    if n <= limit:
+        return
+    fix = "crop or downsample the image first (if it is wrong, the file is damaged: re-export it)"
+    if limit == _max_pixels():
+        raise MedanomalyError(f"{path}: the header gives the {what} size {size} = {n:,} values, above the limit "
+                              f"of {limit:,} (medanomaly.io.safety.MAX_PIXELS); if the header is right, {fix}")
+    raise MedanomalyError(
+        f"{path}: the header gives the {what} size {size} = {n:,} values, above the limit of {limit:,} values "
+        f"that the available memory allows ({memory / 2**30:.1f} GiB / {4 * SAFETY_FACTOR} bytes per value "
+        f"read; medanomaly.io.safety.MAX_PIXELS = {_max_pixels():,} caps it); if the header is right, free "
+        f"memory, use a machine with more, or {fix}")
 
 
 @contextmanager

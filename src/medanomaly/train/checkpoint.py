@@ -10,6 +10,7 @@ leaves the previous complete file, or a ``.tmp-*`` file that the next run delete
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -17,12 +18,17 @@ from pathlib import Path
 
 import torch
 
+from medanomaly.config.schema import TrainConfig
 from medanomaly.core import distributed
 from medanomaly.core.atomic import atomic_torch_save, atomic_write_text
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.outputs import check_out_path, check_separate
 
 log = logging.getLogger(__name__)
 # images_per_s: slices per second in 2D, patches per second in 3D
+#: what a training run writes into its model directory (model.json last, once calibrated; pretrain*: --unlabelled)
+RUN_FILES = ("model.pt", "checkpoint.pt", "config.json", "splits.json", "metrics.csv", "plan.json", "pretrain",
+             "pretrain-splits.json")
 METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds", "images_per_s"]
 
 
@@ -99,13 +105,41 @@ def _complete_row(line: str) -> bool:
 
 
 def check_out_dir(out: Path, resume: bool) -> Path:
-    """The checkpoint path of ``out``; refuses --resume without a checkpoint and a fresh run over a model."""
+    """The checkpoint path of ``out``; refuses an ``out`` that cannot be a folder
+    (:func:`medanomaly.core.outputs.check_out_path`), --resume without a checkpoint and a fresh run
+    over a finished model."""
+    check_out_path(out, "folder")
     ckpt_path = out / "checkpoint.pt"
     if resume and not ckpt_path.exists():
         raise MedanomalyError(f"--resume: no checkpoint.pt in {out}; run without --resume to start")
     if not resume and (out / "model.json").exists():
         raise MedanomalyError(f"{out} already holds a trained model; pass --resume to continue or choose a new --out")
     return ckpt_path
+
+
+def check_run_dir(out: Path, data: Path, cfg: TrainConfig | None = None) -> None:
+    """Before the data is loaded: refuse a model directory ``out`` inside the ``data`` folder (or the
+    ``cfg.extra``/``cfg.unlabelled`` folders) or holding one of them, and one that holds files a
+    run writes (:data:`RUN_FILES`) without being an earlier run's folder (an interrupted run,
+    which a fresh run restarts and --resume continues)."""
+    sources = (cfg.extra, cfg.unlabelled) if cfg is not None else ()
+    check_separate(out, [data, *(Path(p) for p in sources if p and Path(p).is_dir())])
+    found = [name for name in RUN_FILES if (out / name).exists()] if not _earlier_run(out) else []
+    if found:
+        raise MedanomalyError(f"{out} holds {', '.join(found)}, which training writes, and is not the folder of an "
+                              "earlier run (no checkpoint.pt or saved config.json); move them or choose a new --out")
+
+
+def _earlier_run(out: Path) -> bool:
+    """``out`` is the folder of an interrupted run: a checkpoint, or the config.json a run saved
+    (every TrainConfig key; a hand-written --config file has some)."""
+    if (out / "checkpoint.pt").is_file():
+        return True
+    try:
+        saved = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and set(TrainConfig().to_dict()) <= set(saved)
 
 
 def remove_stale_temp_files(out: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,10 +47,7 @@ def load_extra(cfg: TrainConfig, data: Path, parts: dict[str, list], channels: i
     differ from ``channels`` (those of the training images).
     """
     source = Path(cfg.extra)
-    pairs = _extra_pairs(source)
-    _check_no_leak(source, pairs, data, parts)
-    for s in pairs:
-        _check_extra_size(s.image, cfg.size)
+    pairs = check_extra(cfg, data, parts)
     extra = load_slices(pairs, cfg.size, cfg.normalization, with_masks=True, progress=progress)
     if extra.images.shape[1] != channels:
         raise MedanomalyError(f"extra pair {pairs[0].image} has {extra.images.shape[1]} channels but the training "
@@ -58,6 +56,21 @@ def load_extra(cfg: TrainConfig, data: Path, parts: dict[str, list], channels: i
     extra.cases = [f"extra:{c}" for c in extra.cases]
     log.info("adding %d extra pairs (%d slices) from %s to the training split", len(pairs), len(extra), source)
     return extra
+
+
+def check_extra(cfg: TrainConfig, data: Path, parts: dict[str, list], channels: int | None = None) -> list[Sample]:
+    """The pairs of ``cfg.extra``, checked as :func:`load_extra` describes (before any is loaded; the
+    channels of the first pair, read from its file, against ``channels`` where given)."""
+    source = Path(cfg.extra)
+    pairs = _extra_pairs(source)
+    _check_no_leak(source, pairs, data, parts)
+    for s in pairs:
+        _check_extra_size(s.image, cfg.size)
+    if channels is not None and (found := read_image(pairs[0].image).channels) != channels:
+        raise MedanomalyError(f"extra pair {pairs[0].image} has {found} channels but the training images have "
+                              f"{channels}; give pairs of the same modality and channels (regenerate them with "
+                              "'medanomaly synthesize' on this data)")
+    return pairs
 
 
 def _extra_pairs(source: Path) -> list[Sample]:
@@ -134,15 +147,15 @@ def build_extras(cfg: TrainConfig, data: Path, train_set: SliceSet, model, resum
 def load_unlabelled(cfg: TrainConfig, data: Path, train_set: SliceSet, progress: bool,
                     splits: dict[str, list[str]] | None = None) -> SliceSet:
     """The images of :func:`unlabelled_samples`, loaded like the training slices, masks ignored."""
-    samples = unlabelled_samples(cfg, data, train_set, splits)
+    samples = unlabelled_samples(cfg, data, train_set.sources, splits)
     return load_slices(samples, cfg.size, cfg.normalization, with_masks=False, progress=progress)
 
 
-def unlabelled_samples(cfg: TrainConfig, data: Path, train_set: SliceSet,
+def unlabelled_samples(cfg: TrainConfig, data: Path, train_images: Iterable[Path],
                        splits: dict[str, list[str]] | None = None) -> list:
     """The samples of ``cfg.unlabelled`` (a folder, or the name of a list of case ids in the split
-    file in use: ``--splits``, else DATA/splits.json); refused when empty or when it holds the
-    labelled training images themselves."""
+    file in use: ``--splits``, else DATA/splits.json); refused when empty or when it holds any of
+    the labelled ``train_images`` themselves."""
     source = Path(cfg.unlabelled)
     if source.exists():
         samples = discover(source)
@@ -157,7 +170,7 @@ def unlabelled_samples(cfg: TrainConfig, data: Path, train_set: SliceSet,
         samples = [s for s in discover(data) if s.case in cases]
     if not samples:
         raise MedanomalyError(f"--unlabelled {cfg.unlabelled} holds no images")
-    labelled = {p.resolve() for p in train_set.sources}
+    labelled = {Path(p).resolve() for p in train_images}
     overlap = [s.image for s in samples if s.image.resolve() in labelled]
     if overlap:
         raise MedanomalyError(f"--unlabelled {cfg.unlabelled} holds {len(overlap)} of the labelled training images "

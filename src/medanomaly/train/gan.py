@@ -37,11 +37,12 @@ from tqdm import tqdm
 from medanomaly.config.sections import GanConfig  # with every other default, in config
 from medanomaly.core.atomic import atomic_path, atomic_torch_save, atomic_write_text
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.outputs import check_out_path, check_separate
 from medanomaly.core.runtime import autocast, choose_precision, set_seed
 from medanomaly.core.version import __version__
 from medanomaly.data.slices import discover, load_slices, resolve_splits
 from medanomaly.models.unet import UNet, UNetConfig
-from medanomaly.train.gan_masks import choose_mask, pick_targets, ranks
+from medanomaly.train.gan_masks import check_targets, choose_mask, pick_targets, ranks
 
 log = logging.getLogger(__name__)
 KIND = "medanomaly-synthesize"  # manifest.json "kind": marks a folder this module may overwrite
@@ -207,14 +208,15 @@ def train_gan(data: str | Path, cfg: GanConfig = GanConfig(), splits_file: str |
 
 
 def _check_out(out: Path, data: Path, overwrite: bool) -> bool:
-    """Refuse an ``out`` inside the data folder, or a non-empty one that is not an earlier synthesize
-    output (that one only with ``overwrite``); True where ``out`` holds an earlier output."""
+    """Refuse an ``out`` inside the data folder or holding it, one that cannot be a folder
+    (:func:`medanomaly.core.outputs.check_out_path`), or a non-empty one that is not an earlier
+    synthesize output (that one only with ``overwrite``); True where ``out`` holds an earlier output."""
     data_r, out_r = data.resolve(), out.resolve()
     if out_r == data_r or data_r in out_r.parents:
         raise MedanomalyError(f"--out {out} is inside the data folder {data}: its synthetic pairs would be found "
                               "as real cases; choose a folder outside DATA")
-    if out.exists() and not out.is_dir():
-        raise MedanomalyError(f"--out {out} is a file; give a folder (new or empty) for the synthetic pairs")
+    check_out_path(out, "folder")  # a file, below a file, a special or unwritable path
+    check_separate(out, [data])  # DATA inside --out
     if not out.exists() or not any(out.iterdir()):
         return False
     try:
@@ -282,6 +284,7 @@ def synthesize(data: str | Path, out: str | Path, n: int, cfg: GanConfig = GanCo
     if (c := slices.images.shape[1]) not in (1, 3):
         raise MedanomalyError(f"the images of {data} have {c} channels; synthesize writes grey or RGB PNG only "
                               "(train on 1- or 3-channel images)")
+    check_targets(slices)  # what synthesis paints into: before the minutes of GAN training
     g_net, stats = fit(slices, cfg, dev, progress)
     if earlier:  # --overwrite: only now that the new generator is trained
         for name in ("images", "masks"):

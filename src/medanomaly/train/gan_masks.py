@@ -59,6 +59,17 @@ def random_blob(fg: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return blob
 
 
+def check_targets(slices) -> torch.Tensor:
+    """The indices of the lesion-free slices (empty mask) that lesions can be painted into; refused
+    when there is none (synthesize checks this before training its generator)."""
+    has = slices.masks.flatten(1).amax(1) > 0
+    free = torch.nonzero(~slices.lesion & ~has).flatten()
+    if len(free) == 0:
+        raise MedanomalyError("the train split has no lesion-free slice to paint lesions into; synthesize needs "
+                              "slices whose mask is empty")
+    return free
+
+
 def pick_targets(slices, n: int, gen: torch.Generator, erode: int) -> list[tuple[int, list[int], torch.Tensor]]:
     """n (lesion-free target slice, 3 slices with lesion whose masks may go there, best first,
     the target's foreground (Otsu, eroded by ``erode`` px, (H, W) bool)).
@@ -77,10 +88,7 @@ def pick_targets(slices, n: int, gen: torch.Generator, erode: int) -> list[tuple
         return cache[i]
 
     has = slices.masks.flatten(1).amax(1) > 0
-    free, lesioned = torch.nonzero(~slices.lesion & ~has).flatten(), torch.nonzero(has).flatten()
-    if len(free) == 0:
-        raise MedanomalyError("the train split has no lesion-free slice to paint lesions into; synthesize needs "
-                              "slices whose mask is empty")
+    free, lesioned = check_targets(slices), torch.nonzero(has).flatten()
     cases, total = slices.cases, Counter(slices.cases)
     pos = torch.tensor([r / (total[c] - 1) if total[c] > 1 else 0.5 for r, c in zip(ranks(cases), cases)])
     lo, hi = torch.quantile(pos[lesioned], torch.tensor([0.05, 0.95])).tolist()

@@ -21,6 +21,7 @@ from medanomaly.config.options import TASKS
 from medanomaly.config.schema import TrainConfig
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.outputs import check_new_file
 from medanomaly.core.runtime import cpu_has_bf16
 from medanomaly.data.foreground import foreground_mask
 from medanomaly.data.slices import discover, resolve_splits
@@ -334,7 +335,8 @@ def make_plan(fp: DataFingerprint, mach: MachineInfo, max_minutes: float = Train
                 round(ips, 2), round(est, 2), why, tuple(notes), fp, mach)
 
 
-def save_plan(plan: Plan, path: str | Path) -> Path:
+def save_plan(plan: Plan, path: str | Path, overwrite: bool = True) -> Path:
+    check_new_file(path, overwrite)  # 'medanomaly plan' checks it before planning too (commands.cmd_plan)
     atomic_write_text(Path(path), json.dumps(asdict(plan), indent=1))
     return Path(path)
 

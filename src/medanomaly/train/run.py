@@ -7,6 +7,11 @@ A model directory holds ``model.pt`` (best weights, a plain state dict), ``confi
 threshold and post-processing chosen on the validation split, and ``model.json``, come after
 training, from :mod:`medanomaly.calibrate` (composed in :func:`medanomaly.apps.api.train`): this
 package trains only.
+
+:func:`check_run` makes every check that the options and the data listing allow before any image
+is loaded (so no error first appears after the minutes of loading or training), and
+:func:`run_record` reads from a model directory's files whether its training has ended (what
+``medanomaly calibrate`` needs to know before calibrating an interrupted run).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import json
 import logging
 import math
 from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -25,14 +31,23 @@ from medanomaly.config.schema import TrainConfig, pretrain_budget
 from medanomaly.core import distributed
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.runtime import choose_precision, set_seed
-from medanomaly.data.volumes import check_3d_config
+from medanomaly.data.volumes import check_3d_config, group_volumes
+from medanomaly.io import read_image
 from medanomaly.models.build import build_model
 from medanomaly.models.init import load_matching, read_state_dict
 from medanomaly.models.losses import get_loss
-from medanomaly.train.checkpoint import check_out_dir, fresh_state, remove_stale_temp_files, resume_state
-from medanomaly.train.fewlabels import build_extras, unlabelled_samples
+from medanomaly.train.checkpoint import (
+    METRIC_FIELDS,
+    check_out_dir,
+    check_run_dir,
+    fresh_state,
+    load_state,
+    remove_stale_temp_files,
+    resume_state,
+)
+from medanomaly.train.fewlabels import build_extras, check_extra, unlabelled_samples
 from medanomaly.train.loop import fit
-from medanomaly.train.prepare import Prepared, prepare
+from medanomaly.train.prepare import Prepared, prepare, split_parts, usable_and_splits
 from medanomaly.train.semisup import (
     PRETRAIN_DIR,
     mark_pretrain_finished,
@@ -74,14 +89,13 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
         check_3d_config(cfg)
         distributed.check_batch(cfg.patch_batch)  # under torchrun: the global batch of patches
     ckpt_path = check_out_dir(out, resume)
+    check_run(data, cfg, splits_file, ckpt_path if resume else None)  # before minutes of data loading
+    check_run_dir(out, data, cfg)  # the output policy (medanomaly.core.outputs), once the data listing is good
     if distributed.is_main():
         remove_stale_temp_files(out)
-    if cfg.init and not resume:
-        read_state_dict(cfg.init)  # a bad --init fails before minutes of data loading
     prep = prepare(data, out, cfg, splits_file, dev, progress)
     cfg, in_ch = prep.cfg, prep.in_channels
     if cfg.task == "supervised" and cfg.unlabelled and not resume:
-        unlabelled_samples(cfg, data, prep.train, prep.splits)  # a bad source fails before any pretraining
         cfg = pretrain_first(cfg, data, out, prep.splits, device, progress)
     if cfg.task == "anomaly" and cfg.anomaly.method == "intensity":  # a baseline: nothing to train
         return TrainResult(out, -1, math.nan, 0, 0.0, cfg, in_ch)
@@ -97,8 +111,119 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     metrics_csv = out / "metrics.csv"
     state = resume_state(ckpt_path, model, opt, gen, metrics_csv) if resume else fresh_state(metrics_csv)
     source = batch_source(prep, cfg, data, model, dev, precision, loss_fn, ckpt_path if resume else None, progress)
+    if resume and distributed.is_main() and (out / "model.json").is_file():  # its weights are about to change:
+        (out / "model.json").unlink()  # unfinished (visibly so) until calibrated again
+        log.info("%s: model.json removed; the run is calibrated again once trained", out)
     state = fit(model, opt, source, cfg, out, gen, state, dev, precision, progress)
     return TrainResult(out, state.best_epoch, state.best, state.epoch + 1, state.elapsed, cfg, in_ch)
+
+
+def check_run(data: Path, cfg: TrainConfig, splits_file: str | Path | None, resume_from: Path | None) -> None:
+    """Refuse, before any image is loaded, what would fail later: an ``--extra`` source unusable or
+    with the anomaly task, an ``--unlabelled`` source that is empty or holds training images, ``--init``
+    weights that are unreadable, non-finite or of no matching tensor or channels, a checkpoint that
+    ``--resume`` cannot load into the network and optimizer of ``cfg``, ``--compile`` under torchrun.
+    The data listing (discovery and split, no image decoded; one image read for its channels where
+    needed) raises the data errors that :func:`prepare` would."""
+    if cfg.compile and distributed.world_size() > 1:
+        raise MedanomalyError("--compile runs in one process; start the run without torchrun or drop --compile")
+    if cfg.extra and cfg.task != "supervised":
+        raise MedanomalyError(f"--extra {cfg.extra} adds image/mask pairs to supervised training; the anomaly task "
+                              "learns from normal images only: drop --extra")
+    usable, splits = usable_and_splits(data, cfg, splits_file)
+    volumes = cfg.model.dim == 3
+    parts = split_parts(group_volumes(usable) if volumes else usable, splits, data, "volumes" if volumes else "images")
+    channels = cache(lambda: read_image(usable[0].image).channels)  # read once, only where needed
+    if cfg.extra:
+        check_extra(cfg, data, parts, channels())
+    if cfg.task == "supervised" and cfg.unlabelled and resume_from is None:
+        unlabelled_samples(cfg, data, [s.image for s in parts["train"]], splits)
+    if cfg.init and resume_from is None:
+        _check_init(cfg, channels())
+    if resume_from is not None:
+        _check_resume(resume_from, cfg, channels())
+
+
+def _check_init(cfg: TrainConfig, in_ch: int) -> None:
+    """--init weights: readable, finite, of the data's channels and with a tensor this network takes."""
+    state, file = read_state_dict(cfg.init)
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise MedanomalyError(f"--init {file} holds non-finite weights (NaN or infinite values in {len(bad)} "
+                              f"tensors, e.g. {bad[0]!r}); training from them gives NaN: pass the weights of a run "
+                              "that did not diverge")
+    _check_init_channels(cfg.init, in_ch)
+    model = new_model(cfg, in_ch, torch.device("cpu"))
+    own = model.state_dict()
+    if not any(k in own and own[k].shape == v.shape for k, v in state.items()):
+        load_matching(model, cfg.init)  # raises its error, which names the file and the fix
+
+
+def _check_resume(ckpt_path: Path, cfg: TrainConfig, in_ch: int) -> None:
+    """The checkpoint loads into the network and optimizer of ``cfg``, as :func:`resume_state` will."""
+    state = load_state(ckpt_path)
+    model = new_model(cfg, in_ch, torch.device("cpu"))
+    try:
+        model.load_state_dict(state["model"])
+        make_optimizer(model, cfg).load_state_dict(state["optimizer"])
+    except Exception as exc:  # another network or optimizer: one clear error
+        first = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), str(exc))[:200]
+        raise MedanomalyError(f"--resume: {ckpt_path} holds a run of another network or optimizer than these "
+                              f"settings ({first}); resume with the run's own settings (drop the flags that change "
+                              "--width, --depth, --norm, --encoder, --optimizer...) or train into a new --out") from exc
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """What a model directory's files say of its training: whether it ended (``--resume`` would
+    train no further epoch), why, and its best epoch with that epoch's validation score."""
+
+    ended: bool
+    reason: str
+    best_epoch: int = -1
+    best_val_score: float = math.nan
+
+
+def run_record(out: Path, cfg: TrainConfig) -> RunRecord:
+    """The :class:`RunRecord` of the run in ``out`` trained with ``cfg`` (its config.json), by the
+    stopping rules of :func:`medanomaly.train.loop.fit` applied to its checkpoint.pt and metrics.csv."""
+    if not (out / "checkpoint.pt").is_file():
+        if cfg.task == "anomaly" and cfg.anomaly.method == "intensity":
+            return RunRecord(True, "the intensity baseline trains nothing")
+        if (out / "model.pt").is_file():  # a copied or older directory: its model.pt is what there is
+            return RunRecord(True, "model.pt without checkpoint.pt is taken as final")
+        return RunRecord(False, "no epoch of its training ended (no model.pt)")
+    st = load_state(out / "checkpoint.pt")
+    try:
+        epoch, best, best_epoch = int(st["epoch"]), float(st["best"]), int(st["best_epoch"])
+        bad, elapsed = int(st["bad_epochs"]), float(st["elapsed"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MedanomalyError(f"{out / 'checkpoint.pt'} is not a checkpoint of medanomaly train (no {exc}); "
+                              "retrain") from exc
+    budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+    if not (out / "model.pt").is_file():
+        return RunRecord(False, "its model.pt is missing", best_epoch, best)
+    if epoch + 1 >= cfg.epochs or bad >= cfg.patience:
+        return RunRecord(True, f"trained {epoch + 1} epochs", best_epoch, best)
+    if elapsed >= budget or elapsed + _epoch_seconds(out / "metrics.csv", epoch) > budget * 1.02:
+        return RunRecord(True, f"time budget reached after {epoch + 1} epochs", best_epoch, best)
+    return RunRecord(False, f"it stopped after epoch {epoch + 1} of {cfg.epochs}", best_epoch, best)
+
+
+def _epoch_seconds(metrics_csv: Path, epoch: int) -> float:
+    """The seconds metrics.csv records for ``epoch`` (0 where it has no such row)."""
+    try:
+        rows = metrics_csv.read_text().splitlines()[1:]
+    except OSError:
+        return 0.0
+    for row in rows:
+        fields = row.split(",")
+        if len(fields) == len(METRIC_FIELDS) and fields[0] == str(epoch):
+            try:
+                return float(fields[METRIC_FIELDS.index("seconds")])
+            except ValueError:
+                return 0.0
+    return 0.0
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -161,7 +286,10 @@ def _check_init_channels(init: str, in_channels: int) -> None:
     meta_path = Path(init) / "model.json"
     if not meta_path.is_file():
         return
-    theirs = json.loads(meta_path.read_text()).get("input", {}).get("channels")
+    try:
+        theirs = json.loads(meta_path.read_text())["input"]["channels"]
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable: the weights themselves are checked
+        return
     if theirs is not None and theirs != in_channels:
         raise MedanomalyError(f"--init {init} was trained on {theirs}-channel images but these have {in_channels}; "
                               "use a model of the same modality/channels")

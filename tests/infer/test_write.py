@@ -1,0 +1,108 @@
+"""Tests for medanomaly.infer.write: which files below predict's inputs are images, where each one's
+outputs go (one name per input, never inside an input), what is refused before any work, and the
+files and regions record written for one 2D or 3D prediction."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import tifffile
+from PIL import Image as PILImage
+
+from medanomaly.core.errors import MedanomalyError
+from medanomaly.infer.overlay import overlay_rgb
+from medanomaly.infer.predictor import Prediction
+from medanomaly.infer.write import (
+    check_output_dir,
+    check_outputs,
+    iter_inputs,
+    output_stem,
+    output_stems,
+    write_prediction,
+)
+from medanomaly.io import read_image
+
+
+def _png(path: Path, value: int = 100, size: tuple[int, int] = (8, 10)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    PILImage.fromarray(np.full(size, value, np.uint8)).save(path)
+    return path
+
+
+def test_inputs_are_the_images_below_without_masks_outputs_or_hidden_files(tmp_path):
+    root = tmp_path / "in"
+    a, b = _png(root / "a.png"), _png(root / "sub" / "b.png")
+    for skipped in ("a_mask.png", "a_pred.png", "a_overlay.png", ".hidden/c.png", "sub/b_score.png"):
+        _png(root / skipped)
+    (root / "notes.txt").write_text("not an image")
+    assert list(iter_inputs([root])) == [(root, a), (root, b)]
+    assert list(iter_inputs([b])) == [(b.parent, b)]  # a file: its own folder is the root
+    assert list(iter_inputs([b, root])) == [(b.parent, b), (root, a)]  # an image reached twice: predicted once
+    with pytest.raises(MedanomalyError, match="does not exist"):
+        list(iter_inputs([tmp_path / "absent"]))
+
+
+def test_outputs_keep_the_path_below_the_root_and_get_one_name_each(tmp_path):
+    out = tmp_path / "out"
+    assert output_stem(out, tmp_path / "in", tmp_path / "in" / "sub" / "scan.nii.gz") == out / "sub" / "scan"
+    one, two = _png(tmp_path / "x" / "scan.png"), _png(tmp_path / "y" / "scan.png")  # same rel/stem: "scan"
+    stems = output_stems(out, [(one.parent, one), (two.parent, two)])
+    assert set(stems) == {one, two} and stems[one] != stems[two]
+    assert all(out in s.parents for s in stems.values())
+
+
+def test_an_output_folder_inside_an_input_is_refused(tmp_path):
+    _png(tmp_path / "in" / "a.png")
+    for inside in (tmp_path / "in", tmp_path / "in" / "results"):
+        with pytest.raises(MedanomalyError):
+            check_output_dir(inside, [tmp_path / "in"])
+    with pytest.raises(MedanomalyError):  # a file input: its folder is the input's tree
+        check_output_dir(tmp_path / "in" / "results", [tmp_path / "in" / "a.png"])
+    check_output_dir(tmp_path / "out", [tmp_path / "in"])  # beside it: fine
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tmp_path):
+    out, stem = tmp_path / "out", tmp_path / "out" / "scan"
+    check_outputs(out, [stem], overwrite=False, extra=("regions.json",))  # nothing there yet
+    _png(out / "scan_pred.png")
+    with pytest.raises(MedanomalyError, match="scan_pred.png"):
+        check_outputs(out, [stem], overwrite=False)
+    check_outputs(out, [stem], overwrite=True)
+    (out / "regions.json").write_text("{}")
+    with pytest.raises(MedanomalyError, match="regions.json"):
+        check_outputs(out, [tmp_path / "out" / "other"], overwrite=False, extra=("regions.json",))
+
+
+def test_a_2d_prediction_writes_mask_score_and_overlay_in_the_inputs_format(tmp_path):
+    image = read_image(_png(tmp_path / "scan.png", size=(6, 7)))
+    score = np.zeros((6, 7), np.float32)
+    score[1:3, 2:5] = 0.9  # one 2 x 3 region
+    record = write_prediction(Prediction(image, score, score > 0.5), tmp_path / "out" / "scan")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["scan_overlay.png", "scan_pred.png",
+                                                                    "scan_score.tif"]
+    np.testing.assert_array_equal(np.asarray(PILImage.open(tmp_path / "out" / "scan_pred.png")), (score > 0.5) * 255)
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "scan_score.tif"), score)
+    assert np.asarray(PILImage.open(tmp_path / "out" / "scan_overlay.png")).shape == (6, 7, 3)
+    (region,) = record["regions"]
+    assert region["area_px"] == 6 and region["area_mm"] is None and region["bbox"] == [1, 2, 3, 5]
+    assert "dicom_seg" not in record
+
+
+def test_a_volume_prediction_keeps_the_geometry_and_overlays_its_best_slice(tmp_path):
+    affine = np.diag([0.5, 0.5, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).random((7, 6, 4)).astype(np.float32), affine),
+             tmp_path / "vol.nii.gz")
+    image = read_image(tmp_path / "vol.nii.gz")  # (1, 4, 6, 7)
+    score = np.zeros((4, 6, 7), np.float32)
+    score[2, 1:4, 1:3] = 0.8  # the slice with the largest predicted area: 2
+    record = write_prediction(Prediction(image, score, score > 0.5), tmp_path / "vol")
+    back = nib.load(tmp_path / "vol_pred.nii.gz")
+    np.testing.assert_array_equal(back.affine, affine)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), (score > 0.5).transpose(2, 1, 0))
+    shown = overlay_rgb(image.array[:, 2], score[2], score[2] > 0.5)
+    np.testing.assert_array_equal(np.asarray(PILImage.open(tmp_path / "vol_overlay.png")), shown)
+    (region,) = record["regions"]
+    assert region["area_px"] == 6 and region["area_mm"] == pytest.approx(6 * 2.0 * 0.5 * 0.5)
