@@ -16,7 +16,7 @@ import torch
 
 from medanomaly.config import schema
 from medanomaly.config.model_file import read_model_file, write_model_file
-from medanomaly.infer.backend import weights_sha256
+from medanomaly.core.atomic import file_sha256
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "model-v1"
 
@@ -28,7 +28,7 @@ def run(tmp_path, make_model_dir, labelled_phantoms) -> tuple[Path, Path, Path]:
     data = labelled_phantoms(tmp_path / "data")
     model = make_model_dir(tmp_path / "model")
     mf = read_model_file(model)
-    write_model_file(replace(mf, weights_sha256=weights_sha256(model / "model.pt")), model)
+    write_model_file(replace(mf, weights_sha256=file_sha256(model / "model.pt")), model)
     schema.save(replace(mf.config, epochs=2, max_minutes=0), model / "config.json")
     shutil.copy(data / "splits.json", model / "splits.json")
     return model, data, data / "case3" / "case3_0.png"
@@ -106,7 +106,7 @@ def test_bad_model_weights_changed_after_calibration(run, cli, tmp_path):
 def test_bad_model_nan_weights(run, cli, tmp_path):
     model, _, image = run  # non-finite weights recorded as such (a diverged run): the hash matches
     _nan_weights(model)
-    write_model_file(replace(read_model_file(model), weights_sha256=weights_sha256(model / "model.pt")), model)
+    write_model_file(replace(read_model_file(model), weights_sha256=file_sha256(model / "model.pt")), model)
     _predict_refused(cli, tmp_path, model, image, "holds non-finite weights.*NaN")
 
 

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from medanomaly.config.sections import UNetConfig
+from medanomaly.core.atomic import file_sha256
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.infer.backend import TorchBackend, load_weights, weights_sha256
+from medanomaly.infer.backend import TorchBackend, load_weights
 from medanomaly.models.unet import UNet
 
 CPU = torch.device("cpu")
@@ -76,7 +77,7 @@ def test_load_weights_builds_the_network_in_eval_mode(tmp_path) -> None:
 
 def test_weights_are_checked_against_the_recorded_hash(tmp_path) -> None:
     _weights(tmp_path)
-    digest = weights_sha256(tmp_path / "model.pt")
+    digest = file_sha256(tmp_path / "model.pt")
     assert digest == hashlib.sha256((tmp_path / "model.pt").read_bytes()).hexdigest()
     load_weights(tmp_path, CFG, CPU, sha256=digest)
     _weights(tmp_path, seed=1)  # retrained since: same network, other weights

@@ -15,6 +15,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")  # torch.onnx.export (dynamo=False) needs it
 
 from medanomaly.config.model_file import read_model_file  # noqa: E402
+from medanomaly.core.atomic import file_sha256  # noqa: E402
 from medanomaly.core.errors import MedanomalyError  # noqa: E402
 from medanomaly.infer.export import export_onnx  # noqa: E402
 from medanomaly.infer.onnx_runtime import (  # noqa: E402
@@ -24,7 +25,6 @@ from medanomaly.infer.onnx_runtime import (  # noqa: E402
     new_session,
     output_name,
     require,
-    sha256,
     sidecar_path,
 )
 from medanomaly.infer.predictor import Predictor  # noqa: E402
@@ -108,7 +108,7 @@ def test_file_helpers(tmp_path):
     assert sidecar_path(tmp_path / "net.onnx") == tmp_path / "net.onnx.json"
     data = bytes(range(256)) * 5000  # 1.28 MB: read in two 1 MiB blocks
     (tmp_path / "f.bin").write_bytes(data)
-    assert sha256(tmp_path / "f.bin") == hashlib.sha256(data).hexdigest()
+    assert file_sha256(tmp_path / "f.bin") == hashlib.sha256(data).hexdigest()
     assert require("json") is json
     with pytest.raises(MedanomalyError, match="need the 'no_such_module_xyz' package: pip install no_such_module_xyz"):
         require("no_such_module_xyz")

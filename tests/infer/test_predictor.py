@@ -16,10 +16,11 @@ import torch.nn.functional as F
 from medanomaly.anomaly.methods import residual_map
 from medanomaly.config.model_file import read_model_file, write_model_file
 from medanomaly.config.sections import AnomalyConfig
+from medanomaly.core.atomic import file_sha256
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.slices import normalize, resize
 from medanomaly.data.volumes import resample
-from medanomaly.infer.backend import TorchBackend, weights_sha256
+from medanomaly.infer.backend import TorchBackend
 from medanomaly.infer.export import export_onnx
 from medanomaly.infer.predictor import Predictor, probability, score_batch
 from medanomaly.infer.sliding import sliding_window
@@ -155,7 +156,7 @@ def test_torch_and_onnx_backends_agree_in_2d_and_3d(tmp_path, make_model_dir, ma
 
 def _recorded(model_dir: Path) -> Path:
     """``model_dir`` with the SHA-256 of its model.pt in its model.json, as calibration writes it."""
-    write_model_file(replace(read_model_file(model_dir), weights_sha256=weights_sha256(model_dir / "model.pt")),
+    write_model_file(replace(read_model_file(model_dir), weights_sha256=file_sha256(model_dir / "model.pt")),
                      model_dir)
     return model_dir
 

@@ -36,9 +36,8 @@ from medanomaly.config.model_file import (
 )
 from medanomaly.config.schema import TrainConfig
 from medanomaly.config.sections import PostprocessParams
-from medanomaly.core.atomic import atomic_write_text
+from medanomaly.core.atomic import atomic_write_text, file_sha256
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.infer.backend import weights_sha256
 from medanomaly.io import read_image
 from medanomaly.train.checkpoint import remove_stale_temp_files
 from medanomaly.train.run import RunRecord, run_record
@@ -79,7 +78,7 @@ def _weights_digest(out: Path, model_file: ModelFile) -> str | None:
     if not model_file.has_network:
         return None
     try:
-        return weights_sha256(out / WEIGHTS_FILE)
+        return file_sha256(out / WEIGHTS_FILE)
     except FileNotFoundError:
         raise MedanomalyError(f"{out / WEIGHTS_FILE} is missing: no epoch of the training ended, so there is "
                               f"nothing to calibrate; train again ('medanomaly train DATA --out {out}')") from None

@@ -3,6 +3,7 @@ kill never leaves a half-written output or checkpoint behind."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -51,3 +52,12 @@ def atomic_torch_save(obj: object, path: str | Path) -> None:
         # saved through a file object, the archive's inner folder is 'archive', not the temporary
         # file's random name: the same weights give the same bytes (and the SHA-256 model.json records)
         torch.save(obj, fh)
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (model.pt in model.json, ONNX sidecars)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

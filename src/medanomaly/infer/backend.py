@@ -48,15 +48,6 @@ class TorchBackend:
             return self.model(x).float().cpu()
 
 
-def weights_sha256(path: Path) -> str:
-    """The SHA-256 (hex) of the weights file ``path``, as model.json records it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_weights(model_dir: Path, cfg: UNetConfig, device: torch.device,
                  sha256: str | None = None) -> torch.nn.Module:
     """The network ``cfg`` with the weights of ``model_dir/model.pt``, in eval mode on ``device``

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from medanomaly.config.model_file import ModelFile, read_model_file
-from medanomaly.core.atomic import atomic_path, atomic_write_text
+from medanomaly.core.atomic import atomic_path, atomic_write_text, file_sha256
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.outputs import check_new_file
 from medanomaly.core.version import __version__
@@ -38,7 +38,6 @@ from medanomaly.infer.onnx_runtime import (
     new_session,
     output_name,
     require,
-    sha256,
     sidecar_path,
 )
 from medanomaly.infer.sliding import OVERLAP
@@ -87,7 +86,7 @@ def export_onnx(model_dir: Path, out_path: Path | None = None, opset: int = 17, 
     with atomic_path(out_path) as tmp:
         _torch_export(model, torch.zeros(2, *shape), tmp, name, opset)
         max_diff = _verify(model, tmp, shape)
-        digest = sha256(tmp)
+        digest = file_sha256(tmp)
     sidecar = describe(mf, model_dir, out_path, opset, digest, max_diff)
     atomic_write_text(sidecar_path(out_path), json.dumps(sidecar, indent=2))
     return out_path
@@ -148,7 +147,7 @@ def describe(mf: ModelFile, model_dir: Path, onnx_path: Path, opset: int, onnx_s
         "medanomaly_version": __version__,
         "model_medanomaly_version": mf.medanomaly_version,
         "task": mf.task,
-        "model_pt_sha256": sha256(model_dir / "model.pt"),
+        "model_pt_sha256": file_sha256(model_dir / "model.pt"),
         "onnx": {"file": onnx_path.name, "sha256": onnx_sha256, "opset": opset, "precision": "fp32",
                  "exporter": f"torch {torch.__version__} (TorchScript-based, dynamo=False)",
                  "check": {"max_abs_diff_vs_pytorch_fp32": max_diff, "inputs": "2 random images"}},

@@ -10,7 +10,6 @@ methods); the batch axis N is dynamic.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import json
 from pathlib import Path
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from medanomaly.config.model_file import ModelFile
+from medanomaly.core.atomic import file_sha256
 from medanomaly.core.errors import MedanomalyError
 
 INPUT_NAME = "image"
@@ -38,15 +38,6 @@ def require(module: str) -> Any:
 def sidecar_path(onnx_path: Path) -> Path:
     """``model.onnx`` -> ``model.onnx.json``."""
     return onnx_path.with_name(onnx_path.name + ".json")
-
-
-def sha256(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def network_input_shape(mf: ModelFile) -> list[int]:
@@ -89,7 +80,7 @@ def load_session(onnx_path: Path, model_dir: Path, mf: ModelFile, threads: int |
             exported_from = json.loads(sidecar.read_text()).get("model_pt_sha256")
         except ValueError:
             exported_from = None
-        if exported_from and exported_from != sha256(model_dir / "model.pt"):
+        if exported_from and exported_from != file_sha256(model_dir / "model.pt"):
             raise MedanomalyError(f"{onnx_path} was exported from other weights than {model_dir}/model.pt "
                                   f"(retrained since?); re-export it with 'medanomaly export {model_dir}'")
     session = new_session(onnx_path, threads)
