@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image as PILImage
 
@@ -76,3 +77,31 @@ def test_truncated_real_png(tmp_path: Path) -> None:
     (tmp_path / "cut.png").write_bytes((DATA / "ph2" / "masks" / "IMD002.png").read_bytes()[:100])
     with pytest.raises(MedanomalyError, match=r"cut\.png"):
         read_image(tmp_path / "cut.png")
+
+
+@pytest.mark.parametrize("error, shown", [(ValueError("Invalid value 'MARKER^PATIENT' for PatientName"), False),
+                                          (EOFError("unexpected end of file"), True)])
+def test_dicom_library_errors_never_quote_header_values(tmp_path: Path, monkeypatch, error, shown) -> None:
+    """A DICOM reader's library error may quote a header value (a patient identifier): its text
+    reaches the message only for structural errors, which quote none."""
+    import pydicom
+
+    path = tmp_path / "x.dcm"
+    path.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(pydicom, "dcmread", fail)
+    with pytest.raises(MedanomalyError) as info:
+        read_image(path)
+    message = str(info.value)
+    assert str(path) in message and type(error).__name__ in message
+    assert ("MARKER" in message or "unexpected end of file" in message) == shown
+
+
+def test_other_library_errors_keep_their_text(tmp_path: Path) -> None:
+    path = tmp_path / "x.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
+    with pytest.raises(MedanomalyError, match=r"cannot read .*x\.png \(\w+: .+\)"):
+        read_image(path)

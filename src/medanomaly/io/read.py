@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+from pydicom.errors import InvalidDicomError
 
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.io.dicom import _has_dicm, _read_dicom_file, is_dicom_series_dir
@@ -29,6 +30,18 @@ _READERS: dict[str, Callable[[Path], tuple[np.ndarray, Geometry]]] = {
     ".tif": _read_tiff, ".tiff": _read_tiff, ".nii": _read_nifti, ".nii.gz": _read_nifti,
     ".nrrd": _read_itk, ".nhdr": _read_itk, ".mha": _read_itk, ".mhd": _read_itk,
     ".dcm": _read_dicom_file}
+
+
+_DICOM_READERS = (_read_dicom_file, _read_dicom_series)
+
+
+def _library_detail(exc: Exception, dicom: bool) -> str:
+    """The library's error for a message: its type and text, cut to 300 characters. For DICOM only
+    structural errors keep their text; any other may quote a header value (a patient identifier)."""
+    if dicom and not isinstance(exc, (InvalidDicomError, EOFError)):
+        return f"{type(exc).__name__}; its message is not shown: it may quote header values"
+    detail = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {detail if len(detail) <= 300 else detail[:297] + '...'}"
 
 
 def _pick_reader(p: Path) -> Callable[[Path], tuple[np.ndarray, Geometry]]:
@@ -78,6 +91,7 @@ def read_image(path: str | Path) -> Image:
     """
     p = Path(path)
     notes: list[str] = []
+    reader = None
     try:
         with library_notes(notes):
             reader = _pick_reader(p)
@@ -88,9 +102,7 @@ def read_image(path: str | Path) -> Image:
     except PermissionError as exc:
         raise _permission_error(p, exc) from exc
     except Exception as exc:  # noqa: BLE001 - library errors become one user-facing error
-        detail = " ".join(str(exc).split())
-        detail = detail if len(detail) <= 300 else detail[:297] + "..."
-        msg = f"cannot read {p} ({type(exc).__name__}: {detail}); the file is damaged, truncated"
+        msg = f"cannot read {p} ({_library_detail(exc, reader in _DICOM_READERS)}); the file is damaged, truncated"
         raise MedanomalyError(msg + " or not the image type its name says; re-export it") from exc
     for note in dict.fromkeys(notes):  # once each, naming the file
         if note.startswith("Invalid value for VR "):  # pydicom quotes the header value: it may identify
