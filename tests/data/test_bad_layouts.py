@@ -24,7 +24,7 @@ from PIL import Image as PILImage
 
 import medanomaly.io as mio
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.data.slices import discover
+from medanomaly.data.discover import discover
 from medanomaly.io import read_image, read_mask
 
 pytestmark = pytest.mark.shared_data()  # the bad-input corpus is generated from it

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image as PILImage
 
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.data.slices import discover
+from medanomaly.data.discover import discover
 
 pytestmark = pytest.mark.shared_data("lgg-flair")
 
@@ -76,7 +76,7 @@ def test_a_mask_named_after_the_whole_stem_wins_over_one_named_after_the_key(tmp
     data = tmp_path / "data"
     img, mask = real_lgg.train_set(data)[real_lgg.patients[0]][0]
     exact = Path(shutil.copy(mask, img.with_name(img.name.replace(".png", "_mask.png"))))
-    with caplog.at_level(logging.WARNING, logger="medanomaly.data.slices"):
+    with caplog.at_level(logging.WARNING, logger="medanomaly.data.discover"):
         samples = discover(data)
     assert next(s.mask for s in samples if s.image == img) == exact
     assert "1 mask file(s) in" in caplog.text and str(mask) in caplog.text
@@ -88,7 +88,7 @@ def test_mask_without_image_is_reported_once(tmp_path: Path, real_lgg, caplog) -
     data = tmp_path / "data"
     pairs = real_lgg.train_set(data, per=2)[real_lgg.patients[0]]
     pairs[1][0].unlink()
-    with caplog.at_level(logging.WARNING, logger="medanomaly.data.slices"):
+    with caplog.at_level(logging.WARNING, logger="medanomaly.data.discover"):
         samples = discover(data)
         discover(data)  # train discovers its data more than once: one warning per set of files
     assert len(samples) == 5
@@ -103,7 +103,7 @@ def test_masks_folder_without_images_folder_is_reported(tmp_path: Path, real_lgg
     for img, _ in pairs:
         img.rename(data / img.name)
     (data / "images").rmdir()
-    with caplog.at_level(logging.WARNING, logger="medanomaly.data.slices"):
+    with caplog.at_level(logging.WARNING, logger="medanomaly.data.discover"):
         samples = discover(data)
     assert all(s.mask is None for s in samples) and len(samples) == 3
     assert "3 mask file(s)" in caplog.text and str(pairs[0][1]) in caplog.text

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from medanomaly.apps.cli import main
-from medanomaly.data.slices import discover
+from medanomaly.data.discover import discover
 from medanomaly.data.volumes import (
     Volume,
     crop,

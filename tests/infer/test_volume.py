@@ -7,7 +7,7 @@ from __future__ import annotations
 import nibabel as nib
 import numpy as np
 
-from medanomaly.data.slices import discover
+from medanomaly.data.discover import discover
 from medanomaly.infer.predictor import Prediction
 from medanomaly.infer.volume import iter_volumes, slice_predictions
 from medanomaly.io import read_image, read_mask

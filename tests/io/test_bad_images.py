@@ -22,7 +22,7 @@ from PIL import ImageFile
 
 import medanomaly.io as mio
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.data.slices import discover
+from medanomaly.data.discover import discover
 from medanomaly.io import read_image, safety
 
 DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py

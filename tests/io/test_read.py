@@ -84,7 +84,6 @@ def test_truncated_real_png(tmp_path: Path) -> None:
 def test_dicom_library_errors_never_quote_header_values(tmp_path: Path, monkeypatch, error, shown) -> None:
     """A DICOM reader's library error may quote a header value (a patient identifier): its text
     reaches the message only for structural errors, which quote none."""
-    import pydicom
 
     path = tmp_path / "x.dcm"
     path.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 64)

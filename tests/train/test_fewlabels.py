@@ -17,7 +17,8 @@ from PIL import Image as PILImage
 from medanomaly.apps.cli import main
 from medanomaly.config import schema as config
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.data.slices import discover, load_slices
+from medanomaly.data.discover import discover
+from medanomaly.data.slices import load_slices
 from medanomaly.train.fewlabels import build_extras, check_extra, load_extra, unlabelled_samples
 from medanomaly.train.run import new_model
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image as PILImage
 
 from medanomaly.apps.cli import main
-from medanomaly.data.slices import discover
+from medanomaly.data.discover import discover
 from medanomaly.train.gan import GanConfig, erased_region, synthesize
 
 LGG = Path(os.environ["MEDANOMALY_SHARED_DATA"]) / "lgg-flair"  # the root is resolved by tests/conftest.py

@@ -13,7 +13,7 @@ from PIL import Image as PILImage
 
 from medanomaly.config import schema as config
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.data.slices import Sample
+from medanomaly.data.discover import Sample
 from medanomaly.train import prepare as prep_mod
 
 CPU = torch.device("cpu")

@@ -22,7 +22,7 @@ from medanomaly.core import distributed
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.outputs import check_new_file
 from medanomaly.core.runtime import resolve_device
-from medanomaly.data.slices import discover
+from medanomaly.data.discover import discover
 from medanomaly.evaluate.score import evaluate_model, evaluate_predictions
 from medanomaly.infer.export import export_onnx, sidecar_path
 from medanomaly.infer.run import predict_paths

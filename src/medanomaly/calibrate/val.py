@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from medanomaly.config.model_file import ModelFile
-from medanomaly.data.slices import Sample, discover
+from medanomaly.data.discover import Sample, discover
 from medanomaly.infer.predictor import Predictor
 from medanomaly.infer.volume import iter_volumes
 from medanomaly.io import read_image, read_mask

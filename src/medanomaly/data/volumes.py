@@ -3,7 +3,7 @@ and the foreground-oversampled patch sampler.
 
 A *volume case* is one 3D file (NIfTI, NRRD, MetaImage), one DICOM series folder, or the 2D
 slices of one case that sit in one folder (an LGG patient folder ``<patient>/<patient>_<n>_flair.png``),
-stacked in :func:`medanomaly.data.slices.discover`'s order (the slice number in the name) into
+stacked in :func:`medanomaly.data.discover.discover`'s order (the slice number in the name) into
 (C, Z, H, W). Stacked slices carry no spacing: their grid is 1 x 1 x 1 *voxel*, so a target
 spacing for them is in voxels of the stored grid ((1, 2, 2) halves the in-plane size).
 
@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.data.discover import Sample
 from medanomaly.data.foreground import foreground_mask
-from medanomaly.data.slices import Sample, normalize
+from medanomaly.data.slices import normalize
 from medanomaly.io import Geometry, Image, full_suffix, read_image, read_mask
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class VolumeCase:
 
 
 def group_volumes(samples: Sequence[Sample]) -> list[VolumeCase]:
-    """Volume cases of ``samples`` (as :func:`~medanomaly.data.slices.discover` orders them): the 2D
+    """Volume cases of ``samples`` (as :func:`~medanomaly.data.discover.discover` orders them): the 2D
     files (:data:`SLICE_SUFFIXES`) of one case and folder become one stacked volume, in order;
     every other sample is a volume of its own."""
     groups: dict[tuple, list[Sample]] = {}

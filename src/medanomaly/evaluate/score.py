@@ -26,7 +26,7 @@ from medanomaly.anomaly.methods import AnomalyConfig, image_score
 from medanomaly.calibrate.search import fit_intensity_baseline
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.data.slices import Sample, discover, load_splits
+from medanomaly.data.discover import Sample, discover, load_splits
 from medanomaly.evaluate.report import GalleryItem, select_gallery, write_report
 from medanomaly.infer.overlay import best_slice
 from medanomaly.infer.predictor import Predictor

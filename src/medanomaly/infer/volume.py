@@ -11,7 +11,7 @@ from typing import Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from medanomaly.data.slices import Sample
+from medanomaly.data.discover import Sample
 from medanomaly.data.volumes import VolumeCase, group_volumes, read_volume, read_volume_mask
 from medanomaly.infer.predictor import Prediction
 from medanomaly.io import Image

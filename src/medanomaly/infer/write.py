@@ -25,7 +25,7 @@ from medanomaly.core.outputs import (
     unique_stems,
 )
 from medanomaly.core.version import __version__
-from medanomaly.data.slices import is_mask_file
+from medanomaly.data.discover import is_mask_file
 from medanomaly.infer.overlay import best_slice, overlay_rgb, save_png
 from medanomaly.infer.predictor import Prediction
 from medanomaly.io import (

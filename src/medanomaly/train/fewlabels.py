@@ -18,7 +18,8 @@ from PIL import Image as PILImage
 
 from medanomaly.config.schema import TrainConfig
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.data.slices import Sample, SliceSet, discover, load_slices
+from medanomaly.data.discover import Sample, discover
+from medanomaly.data.slices import SliceSet, load_slices
 from medanomaly.data.synthetic import LesionStats
 from medanomaly.io import read_image
 from medanomaly.train.checkpoint import load_state

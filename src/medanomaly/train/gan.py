@@ -40,7 +40,8 @@ from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.outputs import check_out_path, check_separate
 from medanomaly.core.runtime import autocast, choose_precision, set_seed
 from medanomaly.core.version import __version__
-from medanomaly.data.slices import discover, load_slices, resolve_splits
+from medanomaly.data.discover import discover, resolve_splits
+from medanomaly.data.slices import load_slices
 from medanomaly.models.unet import UNet, UNetConfig
 from medanomaly.train.gan_masks import check_targets, choose_mask, pick_targets, ranks
 

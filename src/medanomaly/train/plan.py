@@ -23,8 +23,8 @@ from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.outputs import check_new_file
 from medanomaly.core.runtime import cpu_has_bf16
+from medanomaly.data.discover import discover, resolve_splits
 from medanomaly.data.foreground import foreground_mask
-from medanomaly.data.slices import discover, resolve_splits
 from medanomaly.data.volumes import plan_overrides_3d
 from medanomaly.io import read_image, read_mask
 from medanomaly.models.build import count_parameters

@@ -24,7 +24,8 @@ from medanomaly.config.schema import TrainConfig
 from medanomaly.core import distributed
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.data.slices import SliceSet, concat_slices, discover, load_slices, resolve_splits
+from medanomaly.data.discover import discover, resolve_splits
+from medanomaly.data.slices import SliceSet, concat_slices, load_slices
 from medanomaly.data.volumes import (
     PATCH_VOXELS,
     Volume,
