@@ -81,7 +81,7 @@ def run_job(job: dict) -> dict:
 
 
 def _pretrain(job: dict) -> dict:
-    from medanomaly.apps.api import train
+    from medanomaly.apps.api import train_with_config as train
     from medanomaly.config import schema as config
 
     cfg = config.load(None, {"task": "anomaly", "anomaly.method": "denoise", "anomaly.normal_only": False,
@@ -99,7 +99,7 @@ def _gan(job: dict) -> dict:
 
 
 def _train_and_test(job: dict) -> dict:
-    from medanomaly.apps.api import train
+    from medanomaly.apps.api import train_with_config as train
     from medanomaly.config import schema as config
     from medanomaly.evaluate.score import evaluate_model
 

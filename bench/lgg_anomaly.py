@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from medanomaly.apps.api import train
+from medanomaly.apps.api import train_with_config as train
 from medanomaly.calibrate.search import recalibrate
 from medanomaly.config import schema as config
 from medanomaly.evaluate.score import evaluate_model

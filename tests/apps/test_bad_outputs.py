@@ -14,6 +14,7 @@ import pytest
 from PIL import Image as PILImage
 
 from medanomaly.core import outputs
+from medanomaly.train.plan import PLAN_VERSION
 
 
 @pytest.fixture
@@ -242,7 +243,7 @@ def test_bad_plan_existing_file(cli, data, tmp_path):
     cli.refuses("plan", data, "--out", target, says=r"plan\.json exists already; pass --overwrite",
                 untouched=(target, data))
     assert cli("plan", data, "--out", target, "--overwrite", "--device", "cpu")[0] == 0
-    assert json.loads(target.read_text())["version"] == 1
+    assert json.loads(target.read_text())["version"] == PLAN_VERSION
 
 
 def test_bad_plan_out_below_a_file(cli, data, tmp_path):

@@ -56,8 +56,11 @@ def trained(lgg_small, tmp_path_factory) -> Path:
 
 @needs_lgg
 def test_train_writes_model_directory(trained):
-    for name in ("model.pt", "model.json", "config.json", "splits.json", "metrics.csv", "checkpoint.pt"):
+    for name in ("model.pt", "model.json", "config.json", "splits.json", "metrics.csv", "checkpoint.pt", "train.log",
+                 "progress.png"):
         assert (trained / name).is_file(), name
+    log = (trained / "train.log").read_text()  # INFO lines although the run was -q (the console's setting)
+    assert "INFO medanomaly.train.loop: epoch 2:" in log and "\r" not in log
     meta = json.loads((trained / "model.json").read_text())
     assert meta["calibration"]["split"] == "val"
     assert set(meta["postprocess"]) >= {"threshold", "min_size", "fill_holes", "smooth_radius"}
@@ -158,3 +161,56 @@ def test_demo_runs_end_to_end_on_synthetic_phantoms(tmp_path):
     html = (tmp_path / "demo" / "eval" / "report.html").read_text()
     assert "SYNTHETIC" in html
     assert 0.0 <= summary["dice_per_case_mean"] <= 1.0
+
+
+@needs_lgg
+def test_every_json_file_of_a_run_is_strict_json(trained, lgg_small, tmp_path):
+    """summary.json, model.json, config.json, plan.json, splits.json, regions.json: no NaN/Infinity."""
+    from medanomaly.core.jsonio import loads_strict
+
+    assert main(["-q", "evaluate", "--model", str(trained), "--data", str(lgg_small), "--out", str(tmp_path / "ev"),
+                 "--device", "cpu"]) == 0
+    test_dir = lgg_small / PATIENTS["test"][0]
+    assert main(["-q", "predict", str(trained), str(test_dir), "--out", str(tmp_path / "pred"), "--device", "cpu"]) == 0
+    files = [*trained.glob("*.json"), *(tmp_path / "ev").glob("*.json"), tmp_path / "pred" / "regions.json"]
+    assert {"model.json", "config.json", "splits.json", "summary.json", "regions.json"} <= {f.name for f in files}
+    for f in files:
+        loads_strict(f.read_text())  # raises on NaN / Infinity
+
+
+@needs_lgg
+def test_a_run_logged_to_a_file_has_few_lines(lgg_small, tmp_path):
+    """stderr to a file (not a terminal): plain log lines, no progress-bar redraws (issue 14: one epoch wrote
+    936 lines, 458 of them 'loading:')."""
+    out = tmp_path / "m"
+    with (tmp_path / "log").open("w") as err:
+        proc = subprocess.run([sys.executable, "-m", "medanomaly", "train", str(lgg_small), "--out", str(out),
+                               "--no-plan", "--size", "32", "--width", "4", "--depth", "2", "--epochs", "1",
+                               "--batch-size", "4", "--device", "cpu"], stderr=err, stdout=subprocess.PIPE,
+                              text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    log = (tmp_path / "log").read_text()
+    assert proc.returncode == 0, log
+    assert "\r" not in log and "|" not in log and len(log.splitlines()) < 20, log
+    assert "epoch 0:" in log and (out / "train.log").is_file() and (out / "progress.png").is_file()
+
+
+@pytest.mark.shared_data("dicom-series/mr-gre-fieldmap-axial")
+def test_most_verbose_predict_logs_no_dicom_identifier(trained, tmp_path, capsys, caplog):
+    """-v (the most verbose setting) with a DICOM SEG written: the libraries' own INFO/DEBUG lines (highdicom
+    names the SOP Instance UIDs it references) stay off, so no UID or patient identifier reaches the log."""
+    import logging
+
+    import pydicom
+
+    series = DATA / "dicom-series" / "mr-gre-fieldmap-axial"
+    headers = [pydicom.dcmread(f, stop_before_pixels=True) for f in sorted(series.glob("*.dcm"))]
+    needles = {str(h.SOPInstanceUID) for h in headers} | {str(headers[0].SeriesInstanceUID),
+                                                           str(headers[0].StudyInstanceUID), str(headers[0].PatientID)}
+    with caplog.at_level(logging.DEBUG):
+        rc = main(["-v", "predict", str(trained), str(series), "--out", str(tmp_path / "out"), "--device", "cpu"])
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert list((tmp_path / "out").rglob("*_seg.dcm")), "no DICOM SEG written"
+    assert any(r.levelno == logging.DEBUG or r.name.startswith("medanomaly") for r in caplog.records)
+    text = "\n".join([cap.out, cap.err, caplog.text, *(str(r.args) for r in caplog.records)])
+    assert not [n for n in needles if n and n in text]

@@ -16,7 +16,7 @@ def budgets(monkeypatch, tmp_path) -> list[float]:
     """run_demo with training and evaluation replaced by recorders: the budgets it trained with."""
     seen: list[float] = []
     monkeypatch.setattr(demo, "make_phantoms", lambda out, seed: tmp_path)
-    monkeypatch.setattr(demo, "train", lambda data, out, cfg, **kw: seen.append(cfg.max_minutes))
+    monkeypatch.setattr(demo, "train_with_config", lambda data, out, cfg, **kw: seen.append(cfg.max_minutes))
     monkeypatch.setattr(demo, "evaluate_model", lambda *a, **kw: {})
     monkeypatch.setattr(demo, "check_test_split", lambda *a, **kw: None)  # "real" is no folder: only budgets here
     return seen

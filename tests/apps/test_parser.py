@@ -26,7 +26,8 @@ CHOICES = {
     ("train", "encoder"): options.ENCODERS, ("train", "dim"): options.DIMS, ("train", "precision"): options.PRECISIONS,
     ("train", "task"): options.TASKS, ("train", "method"): options.ANOMALY_METHODS,
     ("train", "unlabelled_method"): options.UNLABELLED_METHODS, ("pretrain", "encoder"): options.ENCODERS,
-    ("predict", "runtime"): options.RUNTIMES, ("export", "format"): options.EXPORT_FORMATS,
+    ("predict", "runtime"): options.RUNTIMES, ("predict", "naming"): options.NAMINGS,
+    ("export", "format"): options.EXPORT_FORMATS,
     ("plan", "task"): options.TASKS,
 }
 
@@ -50,7 +51,7 @@ DEFAULTS = {
 }
 
 #: train arguments that are not TrainConfig keys
-NOT_CONFIG = {"help", "data", "out", "config", "splits", "resume", "device", "plan", "no_plan"}
+NOT_CONFIG = {"help", "data", "out", "config", "splits", "resume", "device", "plan", "no_plan", "quiet", "verbose"}
 
 
 def _actions() -> list[tuple[str, argparse.Action]]:
@@ -90,7 +91,8 @@ def test_argparse_defaults_are_the_configs():
 def test_what_the_plan_sets_says_chosen_by_the_plan():
     fp = DataFingerprint("d", 10, 100, 100, 100, 80, 80, 10, 100, False, (128, 128), None, 1, ("raster",), True,
                          {"p0.5": 0, "p50": 5, "p99.5": 154, "mean": 21, "std": 31}, 0.3, 0.01, 0.4, True)
-    planned = set(make_plan(fp, MachineInfo(cores=2, memory_gib=16.0, bf16=True)).to_config_overrides())
+    speed = lambda size, width, batch: 30.0  # injected: the plan's keys are tested, not its measurement
+    planned = set(make_plan(fp, MachineInfo(cores=2, memory_gib=16.0, bf16=True), speed=speed).to_config_overrides())
     # the plan takes the run's own task and budget (config defaults unless given): those help texts quote them
     planned -= {"task", "max_minutes"}
     by_key = {key: dest for dest, key in TRAIN_KEYS.items()}
@@ -139,3 +141,50 @@ def test_a_bad_value_is_argparse_error_naming_the_flag(capsys):
         build_parser().parse_args(["train", "DATA", "--out", "M", "--lr", "nan"])
     assert info.value.code == 2
     assert "argument --lr: must be a number in (0, 10] (got nan)" in capsys.readouterr().err
+
+
+def _subparsers() -> dict[str, argparse.ArgumentParser]:
+    return next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+
+
+def test_every_option_of_every_command_has_help_and_every_command_examples():
+    no_help = [(c, a.option_strings or a.dest) for c, a in _actions() if not (a.help and a.help.strip())]
+    assert no_help == []
+    for name, p in _subparsers().items():
+        text = p.format_help()
+        examples = text.split("examples:\n", 1)[1].splitlines() if "examples:\n" in text else []
+        assert examples and all(line.strip().startswith("medanomaly ") for line in examples), (name, text[-300:])
+        assert any(line.strip().startswith(f"medanomaly {name} ") for line in examples), name
+        assert text.rstrip().endswith(examples[-1].rstrip())  # the help ends with them
+
+
+def test_examples_parse():
+    """Each example command line is one the parser accepts (comments after '#' aside)."""
+    for p in _subparsers().values():
+        for line in p.epilog.splitlines()[1:]:
+            argv = line.split("#")[0].split()[1:]
+            assert build_parser().parse_args(argv).command == argv[0], line
+
+
+@pytest.mark.parametrize("argv, quiet, verbose", [
+    (["-q", "plan", "D"], True, False), (["plan", "D", "-q"], True, False), (["plan", "D", "--quiet"], True, False),
+    (["-v", "plan", "D"], False, True), (["plan", "-v", "D"], False, True), (["plan", "D"], False, False),
+    (["-q", "train", "D", "--out", "M"], True, False), (["train", "D", "--out", "M", "--verbose"], False, True)])
+def test_global_flags_work_before_and_after_the_command(argv, quiet, verbose):
+    args = build_parser().parse_args(argv)
+    assert (args.quiet, args.verbose) == (quiet, verbose)
+
+
+def test_quiet_and_verbose_together_are_refused(capsys):
+    from medanomaly.apps.cli import main
+
+    assert main(["-q", "plan", "D", "-v"]) == 2
+    assert "contradict" in capsys.readouterr().err
+
+
+def test_planned_settings_and_real_defaults_are_what_help_says():
+    train = _subparsers()["train"].format_help()
+    assert "--size SIZE" in train and "(default 128)" not in train.split("--epochs")[0].split("--size SIZE")[1]
+    for flag in ("--device", "--tensorboard"):
+        assert flag in train
+    assert "(default: auto)" in _subparsers()["predict"].format_help()

@@ -115,7 +115,8 @@ def test_sigkill_mid_epoch_then_resume_loses_at_most_that_epoch(lgg, tmp_path):
 
     # what the killed run left: complete files only (an interrupted atomic write is a .tmp-* file)
     names = {p.name for p in run.iterdir() if not p.name.startswith(".tmp-")}
-    assert names == {"checkpoint.pt", "config.json", "splits.json", "metrics.csv", "model.pt"}, names
+    assert names == {"checkpoint.pt", "config.json", "splits.json", "metrics.csv", "model.pt", "train.log",
+                     "progress.png"}, names
     json.loads((run / "config.json").read_text())
     assert json.loads((run / "splits.json").read_text()) == PATIENTS
     state, best = _load(ckpt), _load(run / "model.pt")

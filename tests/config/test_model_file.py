@@ -258,3 +258,28 @@ def test_an_unfinished_intensity_baseline_is_completed_by_calibrate(tmp_path):
     schema.save(_cfg(task="anomaly", anomaly=AnomalyConfig(method="intensity")), tmp_path / "config.json")
     assert f"'medanomaly calibrate {tmp_path} --data DATA'" in unfinished(tmp_path)
     assert unfinished(tmp_path / "absent") is None and unfinished(tmp_path.parent / "nothing") is None
+
+
+def test_channel_names_recorded_and_read_back(tmp_path):
+    """input.channel_names is written only where known (a one-channel file without names stays as it was)."""
+    mf = build_model_file(TrainConfig(), 2, PostprocessParams(), TrainingSummary(), {}, channel_names=("FLAIR", "T1"))
+    assert mf.to_dict()["input"]["channel_names"] == ["FLAIR", "T1"]
+    write_model_file(mf, tmp_path)
+    assert read_model_file(tmp_path).input.channel_names == ("FLAIR", "T1")
+    plain = build_model_file(TrainConfig(), 1, PostprocessParams(), TrainingSummary(), {})
+    assert "channel_names" not in plain.to_dict()["input"] and plain.input.channel_names == ()
+    assert InputSpec.from_dict({"channels": 1, "size": 64, "normalization": "auto"}).channel_names == ()
+    with pytest.raises(ValueError, match="not one name per channel"):
+        InputSpec(2, 64, "auto", channel_names=("FLAIR",))
+
+
+def test_check_input_names_both_sides():
+    spec = InputSpec(2, 64, "auto", channel_names=("FLAIR", "T1"))
+    spec.check_input(2, ("flair", "t1"))  # names compared case-insensitively
+    spec.check_input(2, ())  # an input without names: its channel count alone is checked
+    with pytest.raises(MedanomalyError, match=r"model expects FLAIR, T1 \(2 channels\); x.nii has FLAIR \(1\)"):
+        spec.check_input(1, ("FLAIR",), "x.nii")
+    with pytest.raises(MedanomalyError, match=r"model expects FLAIR, T1 \(2 channels\); x has T1, FLAIR \(2\)"):
+        spec.check_input(2, ("T1", "FLAIR"), "x")
+    with pytest.raises(MedanomalyError, match=r"model expects 1-channel images; x has 3 channels"):
+        InputSpec(1, 64, "auto").check_input(3, (), "x")

@@ -33,7 +33,8 @@ LGG_SPLITS = {"train": ["TCGA_CS_4941_19960909", "TCGA_CS_4943_20000902"], "val"
               "test": []}
 TINY = ["--norm", "group", "--size", "32", "--width", "4", "--depth", "2", "--epochs", "2", "--batch-size", "4",
         "--precision", "fp32", "--no-plan", "--device", "cpu"]
-RUN_FILES = {"checkpoint.pt", "config.json", "metrics.csv", "model.json", "model.pt", "splits.json"}
+RUN_FILES = {"checkpoint.pt", "config.json", "metrics.csv", "model.json", "model.pt", "splits.json", "train.log",
+             "progress.png"}
 ATOL, RTOL = 1e-5, 1e-4
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medanomaly.data.augment import AugmentConfig, augment_batch
+from medanomaly.data.augment import SPATIAL_3D, AugmentConfig, augment_batch
 
 NO_INTENSITY = dict(p_gamma=0.0, p_contrast=0.0, p_noise=0.0)
 
@@ -114,7 +114,14 @@ def test_mask_none_is_supported():
     assert out_img.shape == image.shape
 
 
-def test_3d_batch_keeps_shape():
+@pytest.fixture
+def no_spatial_3d(monkeypatch: pytest.MonkeyPatch) -> None:
+    """3D spatial augmentation (rotation, scaling, elastic) off: only flips and intensity remain."""
+    for key in ("p_rotate", "p_scale", "p_elastic"):
+        monkeypatch.setitem(SPATIAL_3D, key, 0.0)
+
+
+def test_3d_batch_keeps_shape(no_spatial_3d):
     g = _gen(0)
     image = torch.rand(2, 1, 6, 16, 16, generator=g)
     mask = (torch.rand(2, 1, 6, 16, 16, generator=g) > 0.7).float()
@@ -125,7 +132,7 @@ def test_3d_batch_keeps_shape():
     assert set(torch.unique(out_mask).tolist()) <= {0.0, 1.0}
 
 
-def test_3d_flip_only_is_exact():
+def test_3d_flip_only_is_exact(no_spatial_3d):
     g = _gen(0)
     image = torch.rand(2, 1, 4, 8, 8, generator=g)
     mask = (torch.rand(2, 1, 4, 8, 8, generator=g) > 0.5).float()
@@ -149,3 +156,20 @@ def test_half_precision_input_accepted():
     out_img, out_mask = augment_batch(image.half(), mask.to(torch.uint8), AugmentConfig(), _gen(0))
     assert out_img.shape == image.shape and out_img.is_floating_point()
     assert set(torch.unique(out_mask).tolist()) <= {0.0, 1.0}
+
+
+def test_3d_spatial_moves_image_and_mask_together():
+    """nnU-Net's 3D spatial augmentation: a mask equal to the image's bright cube follows it (the
+    image bilinear, the mask nearest: they agree but at the cube's border), the mask stays binary,
+    and a sample that drew no spatial transform keeps its voxels exactly."""
+    cube = torch.zeros(8, 1, 12, 16, 16)
+    cube[:, :, 3:9, 4:12, 4:12] = 1.0
+    cfg = AugmentConfig(p_flip=0.0, **NO_INTENSITY)
+    out_img, out_mask = augment_batch(cube.clone(), cube.clone(), cfg, _gen(3))
+    assert set(torch.unique(out_mask).tolist()) <= {0.0, 1.0}
+    moved = [k for k in range(8) if not torch.equal(out_mask[k], cube[k])]
+    assert 0 < len(moved) < 8  # probability 0.2 per transform: some samples moved, some not
+    for k in range(8):
+        if k not in moved:
+            assert torch.equal(out_img[k], cube[k])
+    assert ((out_img > 0.5).float() != out_mask).float().mean() < 0.05

@@ -10,13 +10,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image as PILImage
 
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.discover import (
     discover,
 )
-from medanomaly.data.slices import SliceSet, load_slices, normalize, resize, to_slices
+from medanomaly.data.slices import SliceSet, fit, load_slices, normalize, resize, square_padding, to_slices, unfit
 from medanomaly.io import read_image
 
 DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
@@ -224,3 +225,37 @@ def test_load_slices_channel_mismatch_names_file(tmp_path):
 # ---------------------------------------------------------------- real data
 
 
+
+
+def test_square_padding_by_hand():
+    assert square_padding(256, 256) == (0, 0, 0, 0)
+    assert square_padding(40, 50) == (5, 5, 0, 0)  # rows added above and below
+    assert square_padding(5, 2) == (0, 0, 1, 2)  # the odd pixel on the right
+    assert square_padding(10, 20, (2.0, 1.0)) == (0, 0, 0, 0)  # 20 mm x 20 mm already
+    assert square_padding(10, 10, (2.0, 1.0)) == (0, 0, 5, 5)  # 20 mm x 10 mm: 10 more columns
+
+
+def test_fit_keeps_square_inputs_as_resize_and_unfit_inverts_shape():
+    x = torch.rand(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fit(x, 8), resize(x, (8, 8)))  # square, square pixels: today's numbers
+    y = torch.rand(2, 1, 8, 8)
+    assert torch.equal(unfit(y, (16, 16)), F.interpolate(y, size=(16, 16), mode="bilinear", align_corners=False))
+    wide = torch.ones(1, 1, 4, 8)
+    fitted = fit(wide, 8, mode="nearest")
+    assert fitted[0, 0, :2].sum() == 0 and fitted[0, 0, 6:].sum() == 0 and fitted[0, 0, 2:6].min() == 1  # padded, not squashed
+    assert unfit(fitted, (4, 8)).shape == (1, 1, 4, 8) and unfit(fitted, (4, 8)).min() == 1
+
+
+def test_normalize_per_channel_by_modality():
+    """auto: a channel named CT is windowed (-1000..1000 HU), the MR channel beside it percentile-scaled;
+    without names the one-channel result is as before (percentile for a NIfTI)."""
+    rng = np.random.default_rng(0)
+    ct = rng.uniform(-1000, 1000, (16, 16)).astype(np.float32)
+    mr = rng.uniform(0, 500, (16, 16)).astype(np.float32)
+    out = normalize(np.stack([ct, mr]), "auto", "nifti", None, ("CT", "T2"))
+    assert np.allclose(out[0], np.clip((ct + 1000) / 2000, 0, 1))
+    assert np.array_equal(out[1], normalize(mr[None], "auto", "nifti")[0])
+    assert np.array_equal(normalize(ct[None], "auto", "nifti"), normalize(ct[None], "percentile", "nifti"))
+    assert not np.allclose(normalize(mr[None], "auto", "nifti", None, ("contrast",)), (mr[None] + 1000) / 2000)
+    rgb = rng.integers(0, 256, (3, 8, 8)).astype(np.float32)  # 8-bit rasters: / 255 whatever the names
+    assert np.array_equal(normalize(rgb, "auto", "raster", "uint8", ("R", "G", "B")), rgb / 255)

@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -16,15 +17,19 @@ from medanomaly.apps.cli import main
 from medanomaly.data.discover import discover
 from medanomaly.data.volumes import (
     Volume,
+    VolumeCase,
     crop,
     default_patch,
     group_volumes,
+    load_volume,
     read_volume,
     read_volume_mask,
     resample,
     resample_mask,
     resampled_shape,
     sample_patches,
+    training_geometry,
+    volume_spacing,
 )
 from medanomaly.infer.predictor import Predictor
 from medanomaly.io import read_image
@@ -201,3 +206,20 @@ def test_anomaly_3d_on_healthy_ixi_volumes_keeps_the_affine(tmp_path):
         np.testing.assert_array_equal(out.affine, src.affine)
     score = nib.load(tmp_path / "pred" / f"{keys[2]}_score.nii.gz").get_fdata()
     assert np.isfinite(score).all() and score.max() > 0
+
+
+def test_volumes_are_loaded_in_the_canonical_orientation_with_their_masks(tmp_path):
+    """A NIfTI stored RAS (x to the right): loaded with x and y reversed (L, P, S), mask alike;
+    the geometry record gives the canonical spacing and the acquisition plane."""
+    img = np.zeros((8, 6, 4), np.float32)
+    img[0, 0, 0] = 100.0  # the left-most, posterior-most, lowest voxel (x grows to the right)
+    affine = np.diag([1.0, 2.0, 3.0, 1.0])
+    nib.save(nib.Nifti1Image(img, affine), tmp_path / "a.nii.gz")
+    nib.save(nib.Nifti1Image((img > 0).astype(np.uint8), affine), tmp_path / "a_mask.nii.gz")
+    vc = VolumeCase("a", (tmp_path / "a.nii.gz",), (tmp_path / "a_mask.nii.gz",))
+    v = load_volume(vc, None, "none", "supervised")
+    assert tuple(v.image.shape) == (1, 4, 6, 8) and float(v.image[0, 0, 5, 7]) == 100.0  # x and y reversed
+    assert torch.equal(torch.nonzero(v.mask), torch.tensor([[0, 5, 7]]))
+    assert volume_spacing(vc) == (3.0, 2.0, 1.0)
+    record = training_geometry(discover(tmp_path))
+    assert record == {"orientation": ["L", "P", "S"], "median_spacing": [3.0, 2.0, 1.0], "slice_plane": "axial"}

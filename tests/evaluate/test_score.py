@@ -1,6 +1,7 @@
 """Scoring (medanomaly.evaluate.score) on hand-made masks whose numbers are checked by hand: the
 Accumulator's per-case pooling, case rows, the summary (pooled, per-case and lesion-wise numbers,
-AUROC), the curves, and ``evaluate_predictions`` on a tiny folder of predictions."""
+AUROC), the curves, ``evaluate_predictions`` on a tiny folder of predictions (medanomaly's and
+nnU-Net's names, a CSV listing as the data), and ``evaluate_model`` on its own and on external data."""
 
 from __future__ import annotations
 
@@ -17,7 +18,16 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image as PILImage
 
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.evaluate.score import Accumulator, case_rows, curves, evaluate_predictions, summarize
+from medanomaly.evaluate.score import (
+    EXTERNAL_SPLIT,
+    Accumulator,
+    case_rows,
+    curves,
+    evaluate_model,
+    evaluate_predictions,
+    summarize,
+)
+from medanomaly.infer.run import predict_paths
 from medanomaly.metrics import functional as M
 
 
@@ -139,3 +149,41 @@ def test_evaluate_predictions_of_one_split(tmp_path: Path, labelled_phantoms) ->
                              splits_file=data / "splits.json", progress=False)
     assert (s["n_cases"], s["n_images"], s["n_missing_predictions"]) == (1, 3, 0)
     assert s["dice"] == pytest.approx(2 / 3) and s["split"] == "test"
+
+
+def test_predictions_named_as_nnunet_names_them_score_as_ours(tmp_path: Path, labelled_phantoms, make_model_dir):
+    data = labelled_phantoms(tmp_path / "data")
+    model = make_model_dir(tmp_path / "m")
+    predict_paths(model, [data], tmp_path / "ours", progress=False)
+    predict_paths(model, [data], tmp_path / "nn", progress=False, naming="nnunet")
+    flat = tmp_path / "flat"  # as nnU-Net writes them: one folder, CASE.png
+    flat.mkdir()
+    for p in (tmp_path / "nn").rglob("*.png"):
+        p.rename(flat / p.name)
+    ours = evaluate_predictions(tmp_path / "ours", data, tmp_path / "e1", progress=False)
+    theirs = evaluate_predictions(flat, data, tmp_path / "e2", progress=False)
+    assert (ours["n_images"], ours["n_missing_predictions"]) == (theirs["n_images"], 0) == (12, 0)
+    assert theirs["dice"] == ours["dice"] and math.isnan(theirs["auroc"]) and not math.isnan(ours["auroc"])
+
+
+def test_a_csv_listing_with_a_split_column_is_the_data(tmp_path: Path, labelled_phantoms) -> None:
+    data = labelled_phantoms(tmp_path / "data")
+    _write_predictions(tmp_path / "preds")
+    rows = [f"case{c}/case{c}_{k}.png,case{c}/case{c}_{k}_mask.png,case{c},{'test' if c == 3 else 'train'}"
+            for c in range(4) for k in range(3)]
+    (data / "list.csv").write_text("image,mask,case,split\n" + "\n".join(rows) + "\n")
+    s = evaluate_predictions(tmp_path / "preds", data / "list.csv", tmp_path / "eval", split="test", progress=False)
+    assert (s["n_cases"], s["n_images"], s["split"]) == (1, 3, "test") and s["dice"] == pytest.approx(2 / 3)
+
+
+def test_evaluate_model_on_data_outside_its_split_scores_every_case(tmp_path: Path, labelled_phantoms,
+                                                                    make_model_dir) -> None:
+    data = labelled_phantoms(tmp_path / "data")  # cases case0..case3; its splits.json: test = [case3]
+    model = make_model_dir(tmp_path / "m")
+    (model / "splits.json").write_text(json.dumps({"train": ["p1", "p2"], "val": ["p3"], "test": ["p4"]}))
+    s = evaluate_model(model, data, tmp_path / "external", progress=False)
+    assert (s["split"], s["n_cases"]) == (EXTERNAL_SPLIT, 4)
+    assert json.loads((tmp_path / "external" / "summary.json").read_text())["split"] == EXTERNAL_SPLIT
+    (model / "splits.json").write_text((data / "splits.json").read_text())  # the training data: its test split
+    s = evaluate_model(model, data, tmp_path / "own", progress=False)
+    assert (s["split"], s["n_cases"]) == ("test", 1)

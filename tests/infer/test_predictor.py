@@ -8,6 +8,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
@@ -72,15 +73,17 @@ def test_predictor_is_rebuilt_from_the_model_file(tmp_path, make_model_dir):
 
 
 def test_2d_path_is_the_network_on_resized_slices(tmp_path, make_model_dir):
-    """The score of an image is sigmoid(network) at the model size, resized back; a volume is scored
-    slice by slice (batches of batch_size slices) exactly as each slice alone."""
+    """The score of an image is sigmoid(network) at the model size, resized back; a non-square image
+    is zero-padded to a square first (40 x 50: 5 rows above and below) and cropped back, never
+    squashed; a volume is scored slice by slice (batches of batch_size slices) exactly as each slice alone."""
     p = Predictor(make_model_dir(tmp_path / "m"), batch_size=2)
     rng = np.random.default_rng(1)
     image = raster(rng.integers(0, 256, (1, 40, 50)))
-    x = resize(torch.from_numpy(image.array / np.float32(255))[None], (32, 32))
+    padded = F.pad(torch.from_numpy(image.array / np.float32(255))[None], (0, 0, 5, 5))
+    x = resize(padded, (32, 32))
     with torch.no_grad():
-        expected = F.interpolate(torch.sigmoid(p.model(x)), size=(40, 50), mode="bilinear", align_corners=False)
-    np.testing.assert_allclose(p.scores(image), expected[0, 0].numpy(), atol=1e-6, rtol=0)
+        expected = F.interpolate(torch.sigmoid(p.model(x)), size=(50, 50), mode="bilinear", align_corners=False)
+    np.testing.assert_allclose(p.scores(image), expected[0, 0, 5:45].numpy(), atol=1e-6, rtol=0)
     vol = raster(rng.integers(0, 256, (1, 5, 40, 50)))
     got = p.scores(vol)
     assert got.shape == (5, 40, 50) and got.dtype == np.float32
@@ -193,3 +196,59 @@ def test_non_finite_weights_are_refused_with_or_without_a_recorded_hash(tmp_path
         Predictor(model_dir)
     with pytest.raises(MedanomalyError, match="non-finite"):
         Predictor(_recorded(model_dir))  # recorded as they are: still refused
+
+
+def _with_geometry(model_dir: Path, **record) -> Path:
+    """The model directory with a training-geometry record in its model file."""
+    data = json.loads((model_dir / "model.json").read_text())
+    data["geometry"] = {"orientation": ["L", "P", "S"], "median_spacing": None, "slice_plane": None, **record}
+    (model_dir / "model.json").write_text(json.dumps(data))
+    return model_dir
+
+
+def _phantom(tmp_path: Path, name: str, sagittal: bool) -> Path:
+    """One phantom (a bright ball in noise, 3 mm axial slices) written as axial slices, or with the
+    same voxels in the same places stored as sagittal slices (array axes permuted, affine to match)."""
+    rng = np.random.default_rng(0)
+    x, y, z = np.meshgrid(np.arange(20), np.arange(24), np.arange(6), indexing="ij")
+    data = (rng.random((20, 24, 6)) * 50 + 400 * ((x - 9) ** 2 + (y - 12) ** 2 + (3 * z - 8) ** 2 < 40)).astype(np.float32)
+    affine = np.diag([1.0, 1.0, 3.0, 1.0])
+    if sagittal:  # stored index (i', j', k') = (y, z, x)
+        data, move = data.transpose(1, 2, 0), np.eye(4)[[2, 0, 1, 3]]
+        affine = affine @ move
+    path = tmp_path / f"{name}.nii.gz"
+    nib.save(nib.Nifti1Image(data, affine), path)
+    return path
+
+
+def test_sagittal_and_axial_phantom_give_the_same_scores(tmp_path, make_model_dir, caplog):
+    """The same phantom stored as axial or as sagittal slices: reoriented, scored on axial slices,
+    mapped back to each file's own grid; the maps agree voxel by voxel in the world. Only the
+    sagittal one is warned about."""
+    p = Predictor(_with_geometry(make_model_dir(tmp_path / "m"), slice_plane="axial"))
+    axial, sagittal = read_image(_phantom(tmp_path, "ax", False)), read_image(_phantom(tmp_path, "sag", True))
+    with caplog.at_level("WARNING", logger="medanomaly.infer.predictor"):
+        s_ax = p.scores(axial)
+        assert not caplog.records
+        s_sag = p.scores(sagittal)
+    assert s_ax.shape == axial.spatial_shape == (6, 24, 20) and s_sag.shape == sagittal.spatial_shape == (20, 6, 24)
+    np.testing.assert_allclose(s_sag, s_ax.transpose(2, 0, 1), atol=1e-6, rtol=0)
+    assert len(caplog.records) == 1 and "sag.nii.gz: it was acquired in sagittal slices" in caplog.text
+    assert "coarse axis" not in caplog.text  # its 3 mm axis is still across the axial slices
+
+
+def test_spacing_far_from_training_is_warned_once(tmp_path, make_model_dir, caplog):
+    p = Predictor(_with_geometry(make_model_dir(tmp_path / "m"), median_spacing=[3.0, 0.4, 0.4]))
+    with caplog.at_level("WARNING", logger="medanomaly.infer.predictor"):
+        p.scores(read_image(_phantom(tmp_path, "ax", False)))
+    assert len(caplog.records) == 1 and "more than 2 times off the training median" in caplog.text
+
+
+def test_models_without_a_geometry_record_use_volumes_as_stored(tmp_path, make_model_dir):
+    """Older model files (trained on volumes as stored) keep their behaviour: no reorientation."""
+    p = Predictor(make_model_dir(tmp_path / "m"))
+    sagittal = read_image(_phantom(tmp_path, "sag", True))
+    got = p.scores(sagittal)
+    with torch.inference_mode():  # the stored axis 0 (sagittal) sliced, as before
+        flat = p._slice_scores(normalize(sagittal.array, "auto", "nifti"), (3.0, 1.0))  # (Z, Y) mm pixels
+    np.testing.assert_allclose(got, flat, atol=1e-6, rtol=0)

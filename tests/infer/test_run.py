@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from medanomaly.apps.api import train
+from medanomaly.apps.api import train_with_config as train
 from medanomaly.config import schema as config
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.version import __version__
@@ -97,3 +97,15 @@ def test_3d_on_lgg_patient_folders_stacks_and_writes_per_slice(tmp_path):
     assert len(written) == n_slices
     res = predict_paths(tmp_path / "model", [data / picked["test"][0]], tmp_path / "pred", progress=False)
     assert res["n_ok"] == n_slices and not res["failed"]
+
+
+def test_a_csv_listing_predicted_with_nnunet_names(tmp_path, data, make_model_dir):
+    listing = tmp_path / "todo.csv"
+    listing.write_text("image\ndata/case3/case3_0.png\ndata/case2/case2_1.png\n")
+    out = tmp_path / "pred"
+    res = predict_paths(make_model_dir(tmp_path / "m"), [listing], out, progress=False, naming="nnunet")
+    assert res["n_ok"] == 2 and sorted(p.relative_to(out).as_posix() for p in out.rglob("*.*")) == [
+        "case2/case2_1.png", "case3/case3_0.png", "regions.json"]
+    regions = json.loads((out / "regions.json").read_text())
+    assert regions["naming"] == "nnunet" and [r["case"] for r in regions["images"]] == ["case3/case3_0",
+                                                                                         "case2/case2_1"]

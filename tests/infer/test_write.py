@@ -19,8 +19,11 @@ from medanomaly.infer.write import (
     check_output_dir,
     check_outputs,
     iter_inputs,
+    nnunet_case,
     output_stem,
     output_stems,
+    prediction_files,
+    score_file,
     write_prediction,
 )
 from medanomaly.io import read_image
@@ -106,3 +109,43 @@ def test_a_volume_prediction_keeps_the_geometry_and_overlays_its_best_slice(tmp_
     np.testing.assert_array_equal(np.asarray(PILImage.open(tmp_path / "vol_overlay.png")), shown)
     (region,) = record["regions"]
     assert region["area_px"] == 6 and region["area_mm"] == pytest.approx(6 * 2.0 * 0.5 * 0.5)
+
+
+def test_a_csv_listing_is_an_input_named_below_the_folder_of_its_images(tmp_path):
+    a, b = _png(tmp_path / "scans" / "p1" / "a.png"), _png(tmp_path / "scans" / "p2" / "b.png")
+    listing = tmp_path / "lists" / "todo.csv"
+    listing.parent.mkdir()
+    listing.write_text("image,mask\n../scans/p1/a.png,\n../scans/p2/b.png,\n")
+    items = list(iter_inputs([listing]))
+    assert items == [(tmp_path / "scans", a), (tmp_path / "scans", b)]
+    assert list(output_stems(tmp_path / "out", items).values()) == [tmp_path / "out/p1/a", tmp_path / "out/p2/b"]
+    with pytest.raises(MedanomalyError, match="inside the input"):  # --out inside the listed images' tree
+        check_output_dir(tmp_path / "scans" / "out", [listing])
+
+
+def test_nnunet_naming_writes_case_label_maps_only(tmp_path):
+    assert (nnunet_case(Path("x/case_0000.nii.gz")), nnunet_case(Path("scan.png"))) == ("case", "scan")
+    one, two = _png(tmp_path / "in" / "c1_0000.png"), _png(tmp_path / "in" / "c2_0000.png")
+    stems = output_stems(tmp_path / "out", [(one.parent, one), (two.parent, two)], "nnunet")
+    assert list(stems.values()) == [tmp_path / "out" / "c1", tmp_path / "out" / "c2"]
+    image = read_image(one)
+    score = np.zeros((8, 10), np.float32)
+    score[2:4, 2:5] = 0.9
+    record = write_prediction(Prediction(image, score, score > 0.5), stems[one], naming="nnunet")
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["c1.png"]
+    np.testing.assert_array_equal(np.asarray(PILImage.open(tmp_path / "out" / "c1.png")), score > 0.5)  # 0/1
+    assert record["regions"][0]["area_px"] == 6
+    with pytest.raises(MedanomalyError, match=r"1 file\(s\).*c1\.png"):  # nnU-Net names are refused as ours are
+        check_outputs(tmp_path / "out", list(stems.values()), overwrite=False, naming="nnunet")
+
+
+def test_prediction_files_by_every_naming(tmp_path):
+    image = _png(tmp_path / "data" / "imagesTs" / "c1_0000.png")
+    preds = tmp_path / "preds"
+    flat = _png(preds / "c1.png")  # nnU-Net: flat, without _0000
+    cache: dict = {}
+    assert prediction_files(preds, tmp_path / "data", image, [], cache) == [flat]
+    ours = _png(preds / "imagesTs" / "c1_0000_pred.png")  # predict's name, mirroring the data
+    _png(preds / "imagesTs" / "c1_0000_score.tif")
+    assert prediction_files(preds, tmp_path / "data", image, [], {}) == [flat, ours]  # two: ambiguous
+    assert score_file(ours, {}) == preds / "imagesTs" / "c1_0000_score.tif" and score_file(flat, {}) is None

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image as PILImage
 
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.io import is_dicom_series_dir, read_image, read_mask
+from medanomaly.io import is_dicom_series_dir, read_channels, read_image, read_mask
 
 DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 needs_data = pytest.mark.shared_data()
@@ -104,3 +104,21 @@ def test_other_library_errors_keep_their_text(tmp_path: Path) -> None:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     with pytest.raises(MedanomalyError, match=r"cannot read .*x\.png \(\w+: .+\)"):
         read_image(path)
+
+
+def test_read_channels_concatenates_in_order_and_keeps_names(tmp_path):
+    for c in range(2):
+        PILImage.fromarray(np.full((6, 5), 10 * (c + 1), np.uint8)).save(tmp_path / f"x_{c:04d}.png")
+    img = read_channels([tmp_path / "x_0000.png", tmp_path / "x_0001.png"], ("FLAIR", "T1"))
+    assert img.array.shape == (2, 6, 5) and img.array[:, 0, 0].tolist() == [10.0, 20.0]
+    assert img.geometry.meta["channel_names"] == ("FLAIR", "T1") and img.path == tmp_path / "x_0000.png"
+    assert img.geometry.meta.get("dtype") == "uint8"
+    one = read_channels([tmp_path / "x_0000.png"])
+    assert one.array.shape == (1, 6, 5) and "channel_names" not in one.geometry.meta
+
+
+def test_read_channels_refuses_files_of_other_size(tmp_path):
+    PILImage.fromarray(np.zeros((6, 5), np.uint8)).save(tmp_path / "a.png")
+    PILImage.fromarray(np.zeros((6, 6), np.uint8)).save(tmp_path / "b.png")
+    with pytest.raises(MedanomalyError, match=r"b.png is 6x6 but .*a.png is 6x5"):
+        read_channels([tmp_path / "a.png", tmp_path / "b.png"])

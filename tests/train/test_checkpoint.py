@@ -31,11 +31,12 @@ def test_a_checkpoint_restores_model_optimizer_generator_and_state(tmp_path):
     model, opt = _net_and_opt(0)
     gen = torch.Generator().manual_seed(7)
     torch.randperm(5, generator=gen)
-    state = RunState(epoch=3, step=12, best=0.75, best_epoch=2, elapsed=30.5, bad_epochs=1)
+    state = RunState(epoch=3, step=12, best=0.75, best_epoch=2, elapsed=30.5, bad_epochs=1, images_seen=48,
+                     val_seconds=1.5)
     ckpt.save_state(tmp_path / "checkpoint.pt", model, opt, gen, state, {"teacher": model.state_dict()})
     saved = ckpt.load_state(tmp_path / "checkpoint.pt")
     assert set(saved) == {"model", "optimizer", "rng", "epoch", "step", "best", "best_epoch", "elapsed", "bad_epochs",
-                          "teacher"}
+                          "images_seen", "val_seconds", "teacher"}
     other, other_opt = _net_and_opt(1)
     other_gen = torch.Generator().manual_seed(0)
     resumed = ckpt.resume_state(tmp_path / "checkpoint.pt", other, other_opt, other_gen, tmp_path / "metrics.csv")
@@ -43,6 +44,13 @@ def test_a_checkpoint_restores_model_optimizer_generator_and_state(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(other.state_dict().values(), model.state_dict().values()))
     assert other_opt.state_dict()["state"][0]["step"] == opt.state_dict()["state"][0]["step"]
     assert torch.equal(torch.randperm(9, generator=other_gen), torch.randperm(9, generator=gen))
+
+
+def test_a_checkpoint_of_an_earlier_release_loads_without_the_new_fields():
+    saved = {"epoch": 3, "step": 12, "best": 0.75, "best_epoch": 2, "elapsed": 30.5, "bad_epochs": 1}
+    assert ckpt.state_of(saved) == RunState(3, 12, 0.75, 2, 30.5, 1, images_seen=0, val_seconds=0.0)
+    with pytest.raises(KeyError):  # an original field missing: not a checkpoint of medanomaly train
+        ckpt.state_of({k: v for k, v in saved.items() if k != "best"})
 
 
 def test_resume_keeps_the_rows_the_checkpoint_covers(tmp_path):

@@ -155,3 +155,90 @@ def test_the_learning_rate_warms_up_then_decays():
     cfg = config.load(None, {"lr": 0.01})
     assert loop.lr_at(cfg, 0, 4, 0.0) == pytest.approx(0.0025) and loop.lr_at(cfg, 3, 4, 0.0) == pytest.approx(0.01)
     assert loop.lr_at(cfg, 10, 4, 0.5) == pytest.approx(0.005) and loop.lr_at(cfg, 10, 4, 1.5) == pytest.approx(0.0)
+
+
+# --- the time budget between steps, images seen, a run behind its plan --------------------------------
+
+class FakeClock:
+    """The loop's clock (loop.clock), advanced only by the test: steps take what the test says."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _slow_steps(monkeypatch, source_cls, seconds: float) -> FakeClock:
+    """Every training step of ``source_cls`` takes ``seconds`` on the loop's (fake) clock."""
+    clock, real = FakeClock(), source_cls.loss
+
+    def loss(self, *args):
+        clock.now += seconds
+        return real(self, *args)
+
+    monkeypatch.setattr(loop, "clock", clock)
+    monkeypatch.setattr(source_cls, "loss", loss)
+    return clock
+
+
+def test_the_time_budget_ends_the_run_between_steps(phantoms, tmp_path, monkeypatch):
+    """0.5 min of 10-s steps: 3 of the epoch's 6 steps, then the partial epoch is validated and recorded,
+    and the run is over (a resume trains nothing more)."""
+    _slow_steps(monkeypatch, sources.SliceSource, 10.0)
+    cfg, out = _cfg(2, epochs=5, batch_size=2, max_minutes=0.5), tmp_path / "m"
+    res = run.train(phantoms, out, cfg, progress=False)
+    state = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert (state["step"], state["images_seen"], res.epochs_run, res.images_seen) == (3, 6, 1, 6)
+    assert state["elapsed"] == res.seconds == pytest.approx(30.0)
+    rows = _rows(out)
+    assert len(rows) == 1 and float(rows[0]["images_per_s"]) == pytest.approx(6 / 30)
+    assert (out / "model.pt").is_file() and run.run_record(out, cfg).ended
+    again = run.train(phantoms, out, cfg, resume=True, progress=False)
+    assert (again.epochs_run, again.images_seen) == (1, 6) and len(_rows(out)) == 1
+
+
+def test_a_budget_never_reached_changes_no_number(phantoms, tmp_path, monkeypatch):
+    """With the clock standing still, a 10-hour budget is never reached (nor does it move the schedule):
+    the run with the budget checks before every step is the run without a budget, weight for weight."""
+    run.train(phantoms, tmp_path / "none", _cfg(2, epochs=2), progress=False)
+    monkeypatch.setattr(loop, "clock", FakeClock())
+    run.train(phantoms, tmp_path / "budget", _cfg(2, epochs=2, max_minutes=600), progress=False)
+    a, b = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=True) for d in ("none", "budget"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    assert (a["step"], a["images_seen"]) == (b["step"], b["images_seen"]) == (6, 24)
+
+
+@pytest.mark.parametrize("dim, per_epoch", [(2, 12), (3, 4)])
+def test_images_seen_are_counted_and_kept_across_resumes(dim, per_epoch, phantoms, tmp_path):
+    out = tmp_path / "m"
+    assert run.train(phantoms, out, _cfg(dim), progress=False).images_seen == per_epoch  # 3 x 4 slices, 2 x 2 patches
+    res = run.train(phantoms, out, _cfg(dim, epochs=2), resume=True, progress=False)
+    assert res.images_seen == 2 * per_epoch == torch.load(out / "checkpoint.pt", weights_only=True)["images_seen"]
+    old = torch.load(out / "checkpoint.pt", weights_only=True)  # as an earlier release wrote it
+    del old["images_seen"], old["val_seconds"]
+    torch.save(old, out / "checkpoint.pt")
+    res = run.train(phantoms, out, _cfg(dim, epochs=3), resume=True, progress=False)
+    assert (res.epochs_run, res.images_seen) == (3, per_epoch)  # resumed; counted from the resume on
+
+
+def test_a_run_behind_its_plan_says_so_once_with_the_numbers(phantoms, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="medanomaly.train.loop"):
+        run.train(phantoms, tmp_path / "behind", _cfg(2, epochs=3, max_minutes=60, plan_images_per_s=1e6),
+                  progress=False)
+        run.train(phantoms, tmp_path / "on-pace", _cfg(2, epochs=2, max_minutes=60, plan_images_per_s=1e-3),
+                  progress=False)
+    warned = [r.getMessage() for r in caplog.records if "the plan measured" in r.getMessage()]
+    assert len(warned) == 1, warned
+    assert "below the 1000000.0 the plan measured" in warned[0] and "60.0-min budget" in warned[0]
+    assert f"minimum {loop.MIN_IMAGES}" in warned[0]
+
+
+def test_the_pace_warns_at_half_the_budget_within_the_first_epoch(caplog):
+    state = loop.RunState(images_seen=100)
+    pace = loop.Pace(planned=10.0, budget=600.0)
+    with caplog.at_level(logging.WARNING, logger="medanomaly.train.loop"):
+        pace.check(state, 300.0, images=100, seconds=300.0)  # 0.33 img/s of the 10 measured
+        pace.check(state, 400.0, images=150, seconds=400.0)
+    [message] = [r.getMessage() for r in caplog.records]
+    assert "training at 0.3 images/s" in message and "~200 images" in message and "instead of ~6000" in message

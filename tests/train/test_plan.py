@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,7 +19,17 @@ from PIL import Image as PILImage
 from medanomaly.apps.cli import main
 from medanomaly.config import schema as config
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.train.plan import DataFingerprint, MachineInfo, fingerprint, for_run, load_plan, make_plan, save_plan
+from medanomaly.train.plan import (
+    MIN_SAMPLES,
+    DataFingerprint,
+    MachineInfo,
+    Plan,
+    fingerprint,
+    for_run,
+    load_plan,
+    make_plan,
+    save_plan,
+)
 
 DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
 CPU2 = MachineInfo(cores=2, memory_gib=16.0, bf16=True)
@@ -39,6 +51,18 @@ def _png(path: Path, shape: tuple[int, ...], lesion: int | None = None) -> None:
 def _nifti(path: Path, zyx: tuple[int, int, int], spacing_zyx: tuple[float, float, float]) -> None:
     data = np.random.default_rng(0).normal(100, 10, zyx[::-1]).astype(np.float32)  # stored (X, Y, Z)
     nib.save(nib.Nifti1Image(data, np.diag([*spacing_zyx[::-1], 1.0])), str(path))
+
+
+def reference_speed(mach: MachineInfo) -> Callable[[int, int, int], float]:
+    """Training images/s of (size, width, batch) on a machine like the one README's Speed table measured
+    (30 img/s at 128 px, width 32, on 2 bf16 cores; fp32 3.6x slower; a GPU 2000 img/s), time growing
+    with the pixels and the width squared: injected, so the plan's rules are tested without measuring."""
+    base = 2000.0 if mach.gpu else 30.0 * mach.cores / 2 * (1.0 if mach.bf16 else 8.4 / 30.3)
+    return lambda size, width, batch: base * (128 / size) ** 2 * (32 / width) ** 2
+
+
+def _plan(fp: DataFingerprint, mach: MachineInfo = CPU2, minutes: float = 25.0, task: str = "supervised") -> Plan:
+    return make_plan(fp, mach, minutes, task, speed=reference_speed(mach))
 
 
 def _lgg_like(**changes) -> DataFingerprint:
@@ -70,8 +94,8 @@ def test_fingerprint_rgb_and_no_masks(tmp_path):
     fp = fingerprint(tmp_path)
     assert fp.channels == 3 and not fp.has_masks and fp.class_ratio is None and fp.lesion_slice_fraction is None
     with pytest.raises(MedanomalyError, match="--task"):
-        make_plan(fp, CPU2, 25, "supervised")
-    assert make_plan(fp, CPU2, 25, "anomaly").positive_fraction is None
+        _plan(fp, CPU2, 25, "supervised")
+    assert _plan(fp, CPU2, 25, "anomaly").positive_fraction is None
 
 
 def test_isotropic_volumes_recommend_3d_anisotropic_2d(tmp_path):
@@ -83,44 +107,45 @@ def test_isotropic_volumes_recommend_3d_anisotropic_2d(tmp_path):
     fp_iso, fp_aniso = fingerprint(iso), fingerprint(aniso)
     assert fp_iso.is_3d and fp_iso.median_shape == (48, 48, 48) and fp_iso.median_spacing == (1.0, 1.0, 1.0)
     assert fp_aniso.median_spacing == (3.0, 1.0, 1.0) and fp_aniso.n_slices == 48
-    p_iso, p_aniso = make_plan(fp_iso, CPU2, 25, "anomaly"), make_plan(fp_aniso, CPU2, 25, "anomaly")
+    p_iso, p_aniso = _plan(fp_iso, CPU2, 25, "anomaly"), _plan(fp_aniso, CPU2, 25, "anomaly")
     assert p_iso.recommended_dim == 3 and any("train --dim 3" in n for n in p_iso.notes)
     assert p_aniso.recommended_dim == 2 and "anisotropic" in p_aniso.why["dim"]
     assert p_iso.size == 48 and p_iso.depth == 2 and p_aniso.size == 96 and p_aniso.depth == 3  # 2D trainer's inputs
     assert p_iso.normalization == "percentile"
 
 
-def test_lgg_plan_reproduces_the_measured_defaults():
-    plan = make_plan(_lgg_like(), CPU2, 25, "supervised")
+def test_lgg_plan_on_the_reference_machine():
+    # 30 img/s at 128 px (the README's fast machine): 160 px is the largest that sees MIN_SAMPLES in 25 min
+    plan = _plan(_lgg_like(), CPU2, 25, "supervised")
     cfg = config.load(None, plan.to_config_overrides())
     default = config.TrainConfig()
-    assert (cfg.size, cfg.batch_size, cfg.model.width, cfg.model.depth, cfg.model.norm) == (128, 16, 32, 4, "batch")
+    assert (cfg.size, cfg.batch_size, cfg.model.width, cfg.model.depth, cfg.model.norm) == (160, 16, 32, 4, "batch")
     assert (cfg.normalization, cfg.positive_fraction, cfg.max_minutes) == (default.normalization, 0.5, 25.0)
-    assert 15 <= plan.epochs_estimate <= 25  # the measured run: 18 epochs in 25 minutes
+    assert 10 <= plan.epochs_estimate <= 14 and plan.images_expected >= MIN_SAMPLES
     assert "setting" in plan.table() and "model.width" in plan.table()
 
 
 def test_plan_rules_memory_time_gpu_ct():
-    roomy, small = make_plan(_lgg_like(), CPU2, 25), make_plan(_lgg_like(), replace(CPU2, memory_gib=1.0), 25)
+    roomy, small = _plan(_lgg_like(), CPU2, 25), _plan(_lgg_like(), replace(CPU2, memory_gib=1.0), 25)
     assert small.batch_size < roomy.batch_size and small.norm == "instance"  # batch norm needs >= 8
     with pytest.raises(MedanomalyError, match="memory"):
-        make_plan(_lgg_like(), replace(CPU2, memory_gib=0.05), 25)
-    quick = make_plan(_lgg_like(), CPU2, 5)
-    assert quick.size < 128 and quick.size >= 64 and quick.epochs < roomy.epochs  # a short budget: smaller inputs
-    fp32 = make_plan(_lgg_like(), replace(CPU2, bf16=False), 25)
+        _plan(_lgg_like(), replace(CPU2, memory_gib=0.05), 25)
+    quick = _plan(_lgg_like(), CPU2, 5)
+    assert quick.size < roomy.size and quick.size >= 64  # a short budget: smaller inputs
+    fp32 = _plan(_lgg_like(), replace(CPU2, bf16=False), 25)
     assert fp32.size < roomy.size  # 3.6x slower without bf16: smaller inputs fit the budget
-    gpu = make_plan(_lgg_like(), replace(CPU2, gpu="Test GPU", gpu_memory_gib=80.0), 25)
+    gpu = _plan(_lgg_like(), replace(CPU2, gpu="Test GPU", gpu_memory_gib=80.0), 25)
     assert gpu.width == 64 and gpu.size == 256 and gpu.depth == 5 and gpu.batch_size <= 64
-    few = make_plan(_lgg_like(n_train_labelled=100, n_train_slices=100), CPU2, 25)
+    few = _plan(_lgg_like(n_train_labelled=100, n_train_slices=100), CPU2, 25)
     assert few.batch_size == 8  # at most 5 % of the data per batch, but >= 8 for batch norm
-    ct = make_plan(_lgg_like(eight_bit=False, intensity={**_lgg_like().intensity, "p0.5": -1024.0}), CPU2, 25)
+    ct = _plan(_lgg_like(eight_bit=False, intensity={**_lgg_like().intensity, "p0.5": -1024.0}), CPU2, 25)
     assert ct.normalization == "ct"
-    most = make_plan(_lgg_like(lesion_slice_fraction=0.9), CPU2, 25)
+    most = _plan(_lgg_like(lesion_slice_fraction=0.9), CPU2, 25)
     assert most.positive_fraction == 0.0
 
 
 def test_plan_json_round_trip_and_bad_file(tmp_path):
-    plan = make_plan(_lgg_like(), CPU2, 25)
+    plan = _plan(_lgg_like(), CPU2, 25)
     path = save_plan(plan, tmp_path / "plan.json")
     assert load_plan(path) == plan
     (tmp_path / "bad.json").write_text(json.dumps({"version": 99}))
@@ -128,8 +153,75 @@ def test_plan_json_round_trip_and_bad_file(tmp_path):
         load_plan(tmp_path / "bad.json")
 
 
+def _scaled(at_128: float) -> Callable[[int, int, int], float]:
+    return lambda size, width, batch: at_128 * (128 / size) ** 2
+
+
+def test_a_fast_machine_plans_larger_inputs_a_slow_one_smaller():
+    fast, slow = _lgg_like(), _lgg_like()
+    fast, slow = make_plan(fast, CPU2, 25, speed=_scaled(120.0)), make_plan(slow, CPU2, 25, speed=_scaled(15.0))
+    assert fast.size == 256 and fast.depth == 5 and slow.size == 112 and slow.depth == 3
+    assert fast.images_expected >= MIN_SAMPLES and slow.images_expected >= MIN_SAMPLES
+    assert slow.images_per_s == pytest.approx(15.0 * (128 / 112) ** 2, rel=1e-3)
+    assert fast.to_config_overrides()["plan_images_per_s"] == fast.images_per_s  # the loop compares the run with it
+
+
+def test_the_size_is_the_largest_whose_measured_speed_sees_the_minimum():
+    calls = []
+
+    def speed(size, width, batch):
+        calls.append((size, width, batch))
+        return 24.0 * (128 / size) ** 2
+
+    plan = make_plan(_lgg_like(), CPU2, 25, speed=speed)
+    expected = {s["size"]: s["images_expected"] for s in plan.speeds}
+    assert plan.size == 144 and expected[144] == plan.images_expected >= MIN_SAMPLES > expected[160]
+    assert all(v < MIN_SAMPLES for size, v in expected.items() if size > plan.size)
+    assert len(calls) == len(set(calls)) <= 5 < len(range(64, 257, 16))  # a search, each measured once
+    assert all(b == plan.batch_size == 16 and w == plan.width == 32 for _, w, b in calls)
+    table = plan.table()
+    assert "measured 144 px, w32, b16" in table and f"{plan.images_per_s:.1f} img/s" in table
+    assert f"{plan.images_expected:,}" in table and f"minimum {MIN_SAMPLES:,}" in table
+
+
+def test_a_budget_too_short_for_the_minimum_takes_the_smallest_size_and_says_so():
+    plan = make_plan(_lgg_like(), CPU2, 25, speed=lambda size, width, batch: 5.0)
+    assert plan.size == 64 and plan.images_expected < MIN_SAMPLES and len(plan.speeds) == 1
+    assert any(f"fewer than the {MIN_SAMPLES:,}" in n and re.search(r"--max-minutes \d+", n) for n in plan.notes)
+
+
+def test_on_a_gpu_the_measurement_decides_size_and_width():
+    gpu = replace(CPU2, gpu="Test GPU", gpu_memory_gib=80.0)
+    wide = make_plan(_lgg_like(), gpu, 25, speed=lambda s, w, b: 4000.0 * (128 / s) ** 2 * (32 / w) ** 2)
+    assert (wide.size, wide.width, wide.batch_size) == (256, 64, 64)
+    narrow = make_plan(_lgg_like(), gpu, 25, speed=lambda s, w, b: 4000.0 * (128 / s) ** 2 if w == 32 else 1.0)
+    assert (narrow.size, narrow.width) == (256, 32)  # width 64 measured too slow: not assumed affordable
+    slow = make_plan(_lgg_like(), gpu, 25, speed=lambda s, w, b: 20.0 * (128 / s) ** 2 * (32 / w) ** 2)
+    assert (slow.size, slow.width) == (128, 32)  # a slow GPU plans as what it is
+
+
+def test_plan_json_of_the_first_version_is_refused(tmp_path):
+    path = save_plan(_plan(_lgg_like()), tmp_path / "plan.json")
+    old = json.loads(path.read_text())
+    for key in ("images_expected", "min_images", "speeds", "probe_seconds"):
+        old.pop(key)
+    (tmp_path / "v1.json").write_text(json.dumps(old | {"version": 1}))
+    with pytest.raises(MedanomalyError, match="version 1, expected 2.*medanomaly plan"):
+        load_plan(tmp_path / "v1.json")
+
+
+def test_the_measured_speed_reaches_the_run_only_with_the_plans_settings(tmp_path):
+    plan = _plan(_lgg_like())
+    path = save_plan(plan, tmp_path / "plan.json")
+    _, overrides = for_run(tmp_path, None, path, None, {"max_minutes": 10.0})
+    assert overrides["plan_images_per_s"] == plan.images_per_s
+    for flags in ({"size": 96}, {"batch_size": 4}, {"precision": "fp32"}, {"model.width": 8}, {"init": "x"}):
+        _, overrides = for_run(tmp_path, None, path, None, flags)
+        assert "plan_images_per_s" not in overrides, flags
+
+
 def test_precedence_defaults_plan_config_flags(tmp_path):
-    plan = make_plan(_lgg_like(), CPU2, 25)
+    plan = _plan(_lgg_like(), CPU2, 25)
     path = save_plan(plan, tmp_path / "plan.json")
     cfg_file = tmp_path / "cfg.json"
     cfg_file.write_text(json.dumps({"size": 96, "model": {"depth": 3}}))

@@ -1,5 +1,5 @@
 """A training run (medanomaly.train.run.train): it trains only (calibration and model.json are
-composed above it, in medanomaly.apps.api.train), returns what calibration needs, trains nothing
+composed above it, in medanomaly.apps.api), returns what calibration needs, trains nothing
 for the intensity baseline, and checks an --init model's channels."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from medanomaly.core.errors import MedanomalyError
 from medanomaly.train import prepare as prepare_mod
 from medanomaly.train import run
 from medanomaly.train.checkpoint import METRIC_FIELDS
+from medanomaly.train.loop import MIN_IMAGES
 
 TINY = {"size": 32, "model.width": 4, "model.depth": 2, "epochs": 1, "batch_size": 4, "precision": "fp32",
         "max_minutes": 0}
@@ -32,8 +33,9 @@ def test_train_trains_and_the_api_calibrates(phantoms, tmp_path):
     res = run.train(phantoms, tmp_path / "m", cfg, progress=False)
     assert (res.out_dir, res.best_epoch, res.epochs_run, res.cfg, res.in_channels) == (tmp_path / "m", 0, 1, cfg, 1)
     files = {p.name for p in (tmp_path / "m").iterdir()}
-    assert files == {"checkpoint.pt", "config.json", "metrics.csv", "model.pt", "splits.json"}  # no model.json
-    res = api.train(phantoms, tmp_path / "api", cfg, progress=False)
+    assert files == {"checkpoint.pt", "config.json", "metrics.csv", "model.pt", "splits.json", "train.log",
+                     "progress.png"}  # no model.json
+    res = api.train_with_config(phantoms, tmp_path / "api", cfg, progress=False)
     meta = json.loads((tmp_path / "api" / "model.json").read_text())
     assert meta["training"]["best_epoch"] == res.best_epoch == 0
     with pytest.raises(MedanomalyError, match="already holds a trained model"):
@@ -44,7 +46,7 @@ def test_the_intensity_baseline_trains_nothing(phantoms, tmp_path):
     cfg = config.load(None, {**TINY, "task": "anomaly", "anomaly.method": "intensity"})
     res = run.train(phantoms, tmp_path / "m", cfg, progress=False)
     assert (res.best_epoch, res.epochs_run, res.seconds) == (-1, 0, 0.0)
-    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "splits.json"}
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {"config.json", "splits.json", "train.log"}
 
 
 def test_new_model_loads_init_weights_of_the_same_channels(phantoms, tmp_path):
@@ -85,7 +87,7 @@ def test_checks_come_before_any_image_is_loaded(phantoms, tmp_path, monkeypatch,
 
 def test_resuming_a_finished_run_makes_it_unfinished_until_calibrated(phantoms, tmp_path):
     cfg = config.load(None, TINY)
-    api.train(phantoms, tmp_path / "m", cfg, progress=False)
+    api.train_with_config(phantoms, tmp_path / "m", cfg, progress=False)
     run.train(phantoms, tmp_path / "m", replace(cfg, epochs=2), resume=True, progress=False)  # the weights change
     assert not (tmp_path / "m" / "model.json").exists()
 
@@ -122,3 +124,23 @@ def test_the_run_record_without_a_checkpoint(tmp_path):
     assert run.run_record(tmp_path, cfg).ended  # a copied directory: its model.pt is final
     baseline = config.load(None, {**TINY, "task": "anomaly", "anomaly.method": "intensity"})
     assert run.run_record(tmp_path / "absent", baseline).ended
+
+
+@pytest.mark.parametrize("elapsed, val_seconds, ended", [(590.0, 10.0, True), (580.0, 10.0, False)])
+def test_the_run_record_of_a_checkpoint_that_counts_images(tmp_path, elapsed, val_seconds, ended):
+    """The loop's rule: no step once the training time plus the last validation's reaches the budget."""
+    cfg = config.load(None, {**TINY, "epochs": 5, "patience": 3, "max_minutes": 10})
+    record = _record(tmp_path, cfg, {"elapsed": elapsed, "val_seconds": val_seconds, "images_seen": 96})
+    assert record.ended is ended and (record.epochs, record.images_seen, record.seconds) == (2, 96, elapsed)
+    assert _record(tmp_path, cfg, {}).images_seen is None  # an earlier release's checkpoint did not count them
+
+
+def test_the_model_file_states_epochs_images_seen_and_the_plans_minimum(phantoms, tmp_path):
+    res = api.train_with_config(phantoms, tmp_path / "m", config.load(None, TINY), progress=False)
+    assert res.images_seen == 12 and res.load_seconds > 0
+    training = json.loads((tmp_path / "m" / "model.json").read_text())["training"]
+    assert (training["epochs"], training["images_seen"]) == (1, 12) and "min_images" not in training  # no plan
+    planned = config.load(None, {**TINY, "plan_images_per_s": 50.0, "max_minutes": 5})
+    api.train_with_config(phantoms, tmp_path / "p", planned, progress=False)
+    training = json.loads((tmp_path / "p" / "model.json").read_text())["training"]
+    assert (training["plan_images_per_s"], training["min_images"], training["images_seen"]) == (50.0, MIN_IMAGES, 12)

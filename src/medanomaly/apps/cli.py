@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import os
 import sys
 import textwrap
@@ -19,6 +18,7 @@ from medanomaly.apps.parser import (
     build_parser,  # also imported from here by callers that inspect the CLI
 )
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.progress import console_logging
 
 PARALLEL = ("train", "predict")  # the commands that run data parallel under torchrun
 
@@ -55,11 +55,18 @@ def main(argv: list[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except SystemExit as exc:  # --help, --version (0) or a usage error (2), already printed by argparse
         return exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 2
+    if args.quiet and args.verbose:
+        say("medanomaly: error: -q/--quiet and -v/--verbose contradict each other; give one of them", err=True)
+        return 2
     rank, world = _torchrun()
     args.quiet = args.quiet or rank != 0  # under torchrun the other processes log warnings only, no progress bars
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format=f"{f'[rank {rank}] ' if rank else ''}%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+    args.verbose = args.verbose and not args.quiet
+    with console_logging(quiet=args.quiet, verbose=args.verbose, rank=rank):
+        return _guarded(args, world)
+
+
+def _guarded(args: argparse.Namespace, world: int) -> int:
+    """Run the command; a user error is one paragraph on stderr and exit code 2."""
     try:
         if world > 1 and args.command not in PARALLEL:
             raise MedanomalyError(f"'{args.command}' runs in one process: under torchrun only 'train' and 'predict' "
@@ -75,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("interrupted; 'medanomaly train --resume' continues a training run from its last epoch", err=True)
         return 130
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,35 +1,28 @@
 """What each ``medanomaly`` command does with its parsed arguments: a thin layer over the Python
-API (:mod:`medanomaly.apps.api`) and the stage packages that turns flags into their calls and
+API (:mod:`medanomaly.apps.api`; train, plan, predict, evaluate and calibrate are its functions, so
+the CLI and the API cannot disagree) and the stage packages, that turns flags into their calls and
 their results into the lines the command prints. :data:`COMMANDS` maps a command name to its
 function; each returns the exit code (user errors are raised as MedanomalyError for the caller)."""
 
 from __future__ import annotations
 
 import argparse
-import json
-import logging
 from collections.abc import Callable
 from typing import Any
 
-from medanomaly.apps.api import calibrate, train
+from medanomaly.apps import api
 from medanomaly.apps.console import say
 from medanomaly.apps.demo import run_demo
 from medanomaly.apps.parser import TRAIN_KEYS
 from medanomaly.config import schema as config
-from medanomaly.config.schema import TrainConfig
 from medanomaly.config.sections import GanConfig
-from medanomaly.core import distributed
+from medanomaly.core import distributed, jsonio
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.outputs import check_new_file
 from medanomaly.core.runtime import resolve_device
-from medanomaly.data.discover import discover
-from medanomaly.evaluate.score import evaluate_model, evaluate_predictions
 from medanomaly.infer.export import export_onnx, sidecar_path
-from medanomaly.infer.run import predict_paths
 from medanomaly.train import plan as planning
 from medanomaly.train.gan import synthesize
-
-log = logging.getLogger("medanomaly")
 
 #: what ``evaluate`` prints of its summary.json
 SUMMARY_KEYS = ("n_cases", "dice_per_case_mean", "dice", "iou", "sensitivity", "precision", "auroc", "auprc",
@@ -45,53 +38,23 @@ def train_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return given
 
 
-def _resume_config(args: argparse.Namespace) -> None:
-    """``--resume`` without --config continues with the run's own config.json; another --task is refused."""
-    if args.resume and (args.out / "config.json").is_file() and args.config is None:
-        args.config = args.out / "config.json"
-        saved = config.read_json_object(args.config).get("task", TrainConfig.task)  # clear errors: not UTF-8...
-        if args.task and args.task != saved:
-            raise MedanomalyError(f"{args.out} holds a '{saved}' run; it cannot be resumed as '{args.task}': "
-                                  "drop --task, or train the other task into a new --out")
-
-
-def _global_batch(cfg: TrainConfig, args: argparse.Namespace, world: int) -> TrainConfig:
-    """``cfg`` with a planned or default batch rounded up to a multiple of the ``world`` processes
-    (--batch-size is the global batch, split evenly among them; a given one must divide)."""
-    if cfg.batch_size % world and args.batch_size is None and not args.resume:
-        cfg = config.with_changes(cfg, batch_size=-(-cfg.batch_size // world) * world)
-        log.info("global batch rounded up to %d, a multiple of the %d processes", cfg.batch_size, world)
-    distributed.check_batch(cfg.batch_size)
-    return cfg
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    overrides = train_overrides(args)
-    _resume_config(args)
-    config.load(args.config, overrides)  # --config and flags checked before the plan reads the data
-    info = distributed.init_from_env(args.device)  # under torchrun: join the other processes (data parallel)
-    plan = None
-    if not (args.resume or args.no_plan):  # defaults < plan < --config < flags; a resumed run keeps its config
-        plan, overrides = distributed.broadcast_object(  # rank 0 plans; all processes train the same plan
-            planning.for_run(args.data, args.splits, args.plan, args.config, overrides, args.device)
-            if distributed.is_main() else None)
-    cfg = _global_batch(config.load(args.config, overrides), args, info.world_size)
-    res = train(args.data, args.out, cfg, args.splits, resume=args.resume, device=info.device, progress=not args.quiet)
+    given = {k: v for k, v in train_overrides(args).items() if v is not None}
+    model = api.train(args.data, args.out, device=args.device, splits=args.splits, config=args.config,
+                      plan=False if args.no_plan else args.plan or True, resume=args.resume, progress=not args.quiet,
+                      **given)
     if not distributed.is_main():
         return 0
-    if plan is not None:
-        planning.save_plan(plan, res.out_dir / "plan.json")
-    say(f"model written to {res.out_dir} (best epoch {res.best_epoch}, val score {res.best_val_score:.4f}, "
-        f"{res.seconds / 60:.1f} min)")
+    t, times = model.training, model.timings
+    say(f"model written to {model.path} (best epoch {t.best_epoch}, val score {t.best_val_score:.4f}, "
+        f"{times['training_s'] / 60:.1f} min training, {times['calibration_s']:.0f} s calibration)")
     return 0
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
     target = args.out / "plan.json" if args.out.is_dir() else args.out
     check_new_file(target, args.overwrite)  # before the data is read
-    task = args.task or ("supervised" if any(s.mask is not None for s in discover(args.data)) else "anomaly")
-    fp = planning.fingerprint(args.data, args.splits, labelled_only=task == "supervised")  # what the task trains on
-    plan = planning.make_plan(fp, planning.machine(args.device), args.max_minutes, task)
+    plan = api.plan(args.data, max_minutes=args.max_minutes, task=args.task, device=args.device, splits=args.splits)
     out = planning.save_plan(plan, target, args.overwrite)
     say(plan.table())
     say(f"plan written to {out}; use it with 'medanomaly train {args.data} --plan {out} --out MODEL_DIR'")
@@ -103,18 +66,16 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
                              "size": args.size, "epochs": args.epochs, "max_minutes": args.max_minutes,
                              "batch_size": args.batch_size, "model.width": args.width, "model.depth": args.depth,
                              "model.encoder": args.encoder, "seed": args.seed})
-    res = train(args.data, args.out, cfg, args.splits, device=str(resolve_device(args.device)), progress=not args.quiet)
+    res = api.train_with_config(args.data, args.out, cfg, args.splits, device=str(resolve_device(args.device)),
+                                progress=not args.quiet)
     say(f"pretrained model written to {res.out_dir} ({res.seconds / 60:.1f} min); use it with "
         f"'medanomaly train DATA --init {res.out_dir}'")
     return 0
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    # under torchrun each process predicts a share of the files (gloo: only the results are exchanged)
-    info = distributed.init_from_env("cpu" if args.runtime == "onnx" and args.device == "auto" else args.device,
-                                     backend="gloo")
-    res = predict_paths(args.model, args.inputs, args.out, info.device, args.overwrite, progress=not args.quiet,
-                        runtime=args.runtime, dicom_seg=args.dicom_seg)
+    res = api.predict(args.model, args.inputs, args.out, device=args.device, overwrite=args.overwrite,
+                      progress=not args.quiet, runtime=args.runtime, dicom_seg=args.dicom_seg, naming=args.naming)
     if not distributed.is_main():  # rank 0 reports (and its exit code says whether a file failed)
         return 0
     say(f"{res['n_ok']} images predicted into {res['out']}")
@@ -130,23 +91,18 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    post = calibrate(args.model, args.data, device=str(resolve_device(args.device)), overwrite=args.overwrite,
-                     progress=not args.quiet)
+    post = api.calibrate(args.model, args.data, device=args.device, overwrite=args.overwrite,
+                         progress=not args.quiet)
     say(f"{args.model / 'model.json'} written: threshold {post.threshold:.4g}, minimum region {post.min_size} "
         "pixels, chosen on the val split")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    split = None if args.split == "all" else args.split
-    if args.model is not None:  # a model is scored on its test split unless told otherwise
-        summary = evaluate_model(args.model, args.data, args.out, split="test" if args.split is None else split or None,
-                                 splits_file=args.splits, device=str(resolve_device(args.device)),
-                                 progress=not args.quiet, overwrite=args.overwrite)
-    else:
-        summary = evaluate_predictions(args.pred, args.data, args.out, split=split, splits_file=args.splits,
-                                       progress=not args.quiet, overwrite=args.overwrite)
-    say(json.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=1))
+    given = args.model if args.model is not None else args.pred
+    summary = api.evaluate(given, args.data, args.out, split=args.split, splits=args.splits, device=args.device,
+                           progress=not args.quiet, overwrite=args.overwrite, predictions=args.model is None)
+    say(jsonio.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=1))
     say(f"report: {args.out / 'report.html'}")
     return 0
 

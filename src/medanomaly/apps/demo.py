@@ -9,7 +9,6 @@ pipeline with the defaults on real data.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -17,8 +16,9 @@ import numpy as np
 from PIL import Image as PILImage
 from scipy import ndimage
 
-from medanomaly.apps.api import check_test_split, train
+from medanomaly.apps.api import check_test_split, train_with_config
 from medanomaly.config import schema as config
+from medanomaly.core import jsonio
 from medanomaly.core.atomic import atomic_path, atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.outputs import check_out_path, check_separate
@@ -68,7 +68,7 @@ def make_phantoms(out: Path, n_cases: int = 16, slices: int = 10, size: int = 96
     splits = {"train": cases[: n_cases - n_val - n_test], "val": cases[n_cases - n_val - n_test: n_cases - n_test],
               "test": cases[n_cases - n_test:], "note": []}
     splits.pop("note")
-    atomic_write_text(out / "splits.json", json.dumps(splits, indent=1))
+    atomic_write_text(out / "splits.json", jsonio.dumps(splits, indent=1))
     atomic_write_text(out / "README.txt", PHANTOM_NOTE)
     return out
 
@@ -136,6 +136,7 @@ def run_demo(out: str | Path, data: str | Path | None = None, max_minutes: float
     if (model_dir / "model.json").exists():
         log.info("reusing the trained model in %s (delete it to retrain)", model_dir)
     else:
-        train(data, model_dir, cfg, resume=(model_dir / "checkpoint.pt").exists(), device=device, progress=progress)
+        train_with_config(data, model_dir, cfg, resume=(model_dir / "checkpoint.pt").exists(), device=device,
+                          progress=progress)
     return evaluate_model(model_dir, data, out / "eval", split="test", device=device, progress=progress,
                           synthetic=synthetic, overwrite=overwrite)

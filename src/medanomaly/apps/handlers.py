@@ -28,6 +28,7 @@ from starlette.requests import ClientDisconnect
 
 from medanomaly.apps.uploads import SUPPORTED, ApiError
 from medanomaly.apps.viewer import Viewer
+from medanomaly.core import jsonio
 from medanomaly.core.version import __version__
 
 # the server's log keeps one name, whichever of its modules writes (users filter on it)
@@ -41,6 +42,14 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 def page() -> str:
     """The viewer page template (``{{NONCE}}`` and ``{{MAX_BYTES}}`` filled in per request)."""
     return resources.files("medanomaly").joinpath("static/viewer.html").read_text(encoding="utf-8")
+
+
+class StrictJSON(JSONResponse):
+    """The answers' JSON as our files': a number that is not finite is null (core.jsonio), where
+    starlette's JSONResponse would refuse it with a 500."""
+
+    def render(self, content: object) -> bytes:
+        return jsonio.dumps(content, indent=None, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
 
 
 def _error(status: int, message: str) -> JSONResponse:

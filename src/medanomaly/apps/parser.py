@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from medanomaly.apps.helptext import EXAMPLES, Formatter, examples, global_flags
 from medanomaly.config.options import (
     ANOMALY_METHODS,
     DEFAULT_UNLABELLED_METHOD,
@@ -23,6 +24,7 @@ from medanomaly.config.options import (
     ENCODERS,
     EXPORT_FORMATS,
     LOSSES,
+    NAMINGS,
     NORMS,
     OPTIMIZERS,
     PRECISIONS,
@@ -47,8 +49,11 @@ TRAIN_KEYS = {
     "target_fpr": "anomaly.target_fpr", "init": "init", "freeze_encoder_epochs": "freeze_encoder_epochs",
     "synthetic_lesions": "synthetic_lesions", "unlabelled": "unlabelled", "unlabelled_method": "unlabelled_method",
     "pretrain_share": "pretrain_share", "extra": "extra", "dim": "model.dim", "patch": "patch", "spacing": "spacing",
-    "patches_per_epoch": "patches_per_epoch",
+    "patches_per_epoch": "patches_per_epoch", "tensorboard": "tensorboard",
 }
+#: the --device help of every command that runs a network
+DEVICE_HELP = f"{DEVICE_NAMES}; auto: the first GPU if there is one, else the CPU (default: auto)"
+
 
 
 def shown(value: Any) -> str:
@@ -112,7 +117,7 @@ def _add_train_model(p: argparse.ArgumentParser) -> None:  # declarative
     p.add_argument("--batch-size", type=_k("batch_size"),
                    help=f"images per step, all torchrun processes together {PLANNED}")
     p.add_argument("--lr", type=_k("lr"), help=f"peak learning rate {_d('lr')}")
-    p.add_argument("--seed", type=_k("seed"), help=f"random seed {_d('seed')}")
+    p.add_argument("--seed", type=_k("seed"), help=f"random seed of weights, batches and augmentation {_d('seed')}")
     p.add_argument("--loss", choices=LOSSES, help=f"segmentation loss {_d('loss')}")
     p.add_argument("--optimizer", choices=OPTIMIZERS, help=f"optimizer {_d('optimizer')}")
     p.add_argument("--width", type=_k("model.width"), help=f"channels of the first U-Net level {PLANNED}")
@@ -136,12 +141,16 @@ def _add_train_model(p: argparse.ArgumentParser) -> None:  # declarative
                    help=f"early stopping: epochs without improvement {_d('patience')}")
     p.add_argument("--precision", choices=PRECISIONS, help=f"bf16 autocast or fp32 {_d('precision')}")
     p.add_argument("--no-augment", dest="augment_enabled", action="store_false", default=None,
-                   help="turn augmentation off")
+                   help="turn augmentation off (default: on: flips, rotation, scaling, elastic, intensity)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the training network (Inductor): about 18%% more images/s at 128x128 on a "
                         "bf16 CPU after about a minute of compiling; 2D, one process, needs a C++ compiler")
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=None,
-                   help="supervised: average the prediction with that of the left-right flipped image")
+                   help="supervised: average the prediction with that of the left-right flipped image; off by default")
+    p.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+                   help="also write TensorBoard event files (losses, validation score, learning rate per epoch) into "
+                        "OUT/tensorboard; needs the tensorboard package; off by default (OUT/train.log and "
+                        "OUT/progress.png are always written)")
 
 
 def _add_train_task(p: argparse.ArgumentParser) -> None:  # declarative
@@ -185,15 +194,17 @@ def _add_train_task(p: argparse.ArgumentParser) -> None:  # declarative
 def _add_train(sub: argparse._SubParsersAction) -> None:  # declarative
     p = sub.add_parser("train", help="train a U-Net on image + mask pairs",
                        description="Train a U-Net; writes a model directory (weights, config, chosen threshold).")
-    p.add_argument("data", type=PATH_ARG, help="folder of images and masks (see README, 'Data layouts')")
-    p.add_argument("--out", type=PATH_ARG, required=True, help="model directory to write")
+    p.add_argument("data", type=PATH_ARG, help="folder of images and masks, or a CSV listing of their paths "
+                   "(see README, 'Data layouts')")
+    p.add_argument("--out", type=PATH_ARG, required=True,
+                   help="model directory to write (new or empty; weights, model.json, train.log, progress.png)")
     p.add_argument("--config", type=PATH_ARG, help="JSON file with TrainConfig values (flags override it)")
     p.add_argument("--splits", type=PATH_ARG, help="JSON with train/val/test case ids (default: DATA/splits.json, "
                                                "else a seeded split by case)")
     _add_train_model(p)
     _add_train_task(p)
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--device", type=DEVICE, default="auto", help="cpu, cuda, cuda:1 or auto (default)")
+    p.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)
     g = p.add_mutually_exclusive_group()
     g.add_argument("--plan", type=PATH_ARG, metavar="PLAN_JSON", help="use this plan from 'medanomaly plan' (default: "
                    "one is made from DATA and this machine); --config and flags override its settings")
@@ -205,31 +216,39 @@ def _add_pretrain(sub: argparse._SubParsersAction) -> None:  # declarative
                        description="Learn from images alone with the coarse-noise denoising objective (masks, if "
                                    "present, are ignored). Writes a model directory that 'train --init' takes.")
     p.add_argument("data", type=PATH_ARG, help="folder of images (masks, if any, are ignored)")
-    p.add_argument("--out", type=PATH_ARG, required=True, help="model directory to write")
+    p.add_argument("--out", type=PATH_ARG, required=True,
+                   help="model directory to write (new or empty; weights, model.json, train.log, progress.png)")
     p.add_argument("--splits", type=PATH_ARG,
                    help="split file (default: DATA/splits.json, else a seeded split by case)")
-    p.add_argument("--size", type=_k("size"), help=_d("size"))
-    p.add_argument("--epochs", type=_k("epochs"), help=_d("epochs"))
-    p.add_argument("--max-minutes", type=_k("max_minutes"), help=_d("max_minutes"))
-    p.add_argument("--batch-size", type=_k("batch_size"), help=_d("batch_size"))
-    p.add_argument("--width", type=_k("model.width"), help=_d("model.width"))
-    p.add_argument("--depth", type=_k("model.depth"), help=_d("model.depth"))
+    p.add_argument("--size", type=_k("size"), help=f"input size in pixels per side (no plan) {_d('size')}")
+    p.add_argument("--epochs", type=_k("epochs"), help=f"maximum epochs (no plan) {_d('epochs')}")
+    p.add_argument("--max-minutes", type=_k("max_minutes"),
+                   help=f"training time budget in minutes (no plan) {_d('max_minutes')}")
+    p.add_argument("--batch-size", type=_k("batch_size"), help=f"images per step (no plan) {_d('batch_size')}")
+    p.add_argument("--width", type=_k("model.width"),
+                   help=f"channels of the first U-Net level (no plan) {_d('model.width')}")
+    p.add_argument("--depth", type=_k("model.depth"), help=f"down-sampling steps (no plan) {_d('model.depth')}")
     p.add_argument("--encoder", choices=ENCODERS, help=f"U-Net encoder (see 'train --help') {_d('model.encoder')}")
-    p.add_argument("--seed", type=_k("seed"), help=_d("seed"))
-    p.add_argument("--device", type=DEVICE, default="auto")
+    p.add_argument("--seed", type=_k("seed"), help=f"random seed (no plan) {_d('seed')}")
+    p.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)
 
 
 def _add_predict(sub: argparse._SubParsersAction) -> None:  # declarative
     p = sub.add_parser("predict", help="masks, score maps and overlays for new images",
                        description="Predict every image of the inputs (files, folders, DICOM series folders).")
     p.add_argument("model", type=PATH_ARG, help="model directory written by 'medanomaly train'")
-    p.add_argument("inputs", type=PATH_ARG, nargs="+", help="image files, folders (recursive) or DICOM series folders")
+    p.add_argument("inputs", type=PATH_ARG, nargs="+",
+                   help="image files, folders (recursive), DICOM series folders or CSV listings (an 'image' column)")
     p.add_argument("--out", type=PATH_ARG, required=True, help="output folder (mirrors the input tree)")
     p.add_argument("--overwrite", action="store_true", help="replace earlier predictions in --out")
-    p.add_argument("--device", type=DEVICE, default="auto")
+    p.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)
     p.add_argument("--runtime", choices=RUNTIMES, default=RUNTIMES[0],
                    help="run the network with PyTorch (default) or with ONNX Runtime on MODEL/model.onnx "
                         "(CPU, fp32; create it with 'medanomaly export MODEL')")
+    p.add_argument("--naming", choices=NAMINGS, default=NAMINGS[0],
+                   help="output names: medanomaly (default: STEM_pred.EXT mask, STEM_score.EXT, STEM_overlay.png) or "
+                        "nnunet (CASE.EXT label maps only, 0/1, CASE being the file name without _0000, as nnU-Net "
+                        "writes them)")
     p.add_argument("--dicom-seg", action=argparse.BooleanOptionalAction, default=True,
                    help="for DICOM series inputs, also write STEM_seg.dcm: the mask as a DICOM SEG referencing the "
                         "series (on by default). It keeps the patient module (name, ID, birth date, sex) and the study "
@@ -260,7 +279,7 @@ def _add_calibrate(sub: argparse._SubParsersAction) -> None:  # declarative
     p.add_argument("model", type=PATH_ARG, help="model directory written by 'medanomaly train'")
     p.add_argument("--data", type=PATH_ARG, required=True, help="the data folder the model was trained on")
     p.add_argument("--overwrite", action="store_true", help="replace the model.json of a finished model directory")
-    p.add_argument("--device", type=DEVICE, default="auto")
+    p.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # declarative
@@ -268,15 +287,17 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # declarative
                        description="Writes OUT/cases.csv, OUT/summary.json and OUT/report.html.")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", type=PATH_ARG, help="model directory: predict, then score")
-    src.add_argument("--pred", type=PATH_ARG, help="folder of *_pred.* files (mirroring DATA) to score")
-    p.add_argument("--data", type=PATH_ARG, required=True, help="folder with images and masks")
+    src.add_argument("--pred", type=PATH_ARG, help="folder of predictions to score: STEM_pred.* files mirroring DATA (as "
+                     "'predict' writes them) or CASE.* label maps (as nnU-Net and 'predict --naming nnunet' write them)")
+    p.add_argument("--data", type=PATH_ARG, required=True,
+                   help="folder with images and masks, or a CSV listing of their paths")
     p.add_argument("--split", type=NAME, default=None,
                    help="train, val, test or all (default: test with --model, all with --pred)")
     p.add_argument("--splits", type=PATH_ARG,
                    help="split file (default: the model's splits.json, else DATA/splits.json)")
     p.add_argument("--out", type=PATH_ARG, required=True, help="output folder, outside DATA, MODEL and PRED")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
-    p.add_argument("--device", type=DEVICE, default="auto")
+    p.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)
 
 
 def _add_demo(sub: argparse._SubParsersAction) -> None:  # declarative
@@ -289,8 +310,8 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:  # declarative
     p.add_argument("--max-minutes", type=_k("max_minutes"),
                    help=f"training budget in minutes (default {shown(DEMO_MAX_MINUTES)} for the phantoms, "
                         f"{shown(default('max_minutes'))} for --data)")
-    p.add_argument("--seed", type=_k("seed"), default=default("seed"), help=_d("seed"))
-    p.add_argument("--device", type=DEVICE, default="auto")
+    p.add_argument("--seed", type=_k("seed"), default=default("seed"), help=f"random seed {_d('seed')}")
+    p.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:  # declarative
@@ -309,7 +330,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:  # declarative
     p.add_argument("--max-memory-mb", type=MEGABYTES, default=None,
                    help="memory that analyses may hold at once, in MB, estimated from each upload's declared image "
                         "size; over it uploads are answered 503 'busy' (default: half the available memory)")
-    p.add_argument("--device", type=DEVICE, default="auto")
+    p.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)
 
 
 def _add_synthesize(sub: argparse._SubParsersAction) -> None:  # declarative
@@ -328,11 +349,11 @@ def _add_synthesize(sub: argparse._SubParsersAction) -> None:  # declarative
     p.add_argument("--max-steps", type=_g("max_steps"), help=f"GAN training steps at most {_gan('max_steps')}")
     p.add_argument("--batch-size", type=_g("batch_size"), help=f"GAN batch size {_gan('batch_size')}")
     p.add_argument("--width", type=_g("width"), help=f"generator U-Net width {_gan('width')}")
-    p.add_argument("--seed", type=_g("seed"), help=_gan("seed"))
+    p.add_argument("--seed", type=_g("seed"), help=f"random seed {_gan('seed')}")
     p.add_argument("--splits", type=PATH_ARG,
                    help="split file (default: DATA/splits.json, else a seeded split by case)")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier synthesize output in --out")
-    p.add_argument("--device", type=DEVICE, default="auto")
+    p.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)
 
 
 def _add_plan(sub: argparse._SubParsersAction) -> None:  # declarative
@@ -340,7 +361,7 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:  # declarative
                        description="Fingerprint DATA (sizes, spacing, channels, intensities, lesion share) and this "
                                    "machine (cores, memory, GPU); print the plan (setting | value | why) and write it "
                                    "as JSON for 'train --plan' ('train' makes the same plan itself by default).")
-    p.add_argument("data", type=PATH_ARG, help="folder of images (and masks)")
+    p.add_argument("data", type=PATH_ARG, help="folder of images (and masks), or a CSV listing of their paths")
     p.add_argument("--out", type=PATH_ARG, default=Path("plan.json"),
                    help="plan file to write, or a folder to write plan.json into (default: ./plan.json)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing plan file")
@@ -353,12 +374,20 @@ def _add_plan(sub: argparse._SubParsersAction) -> None:  # declarative
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``medanomaly`` parser: global flags and one sub-parser per command (``args.command``)."""
-    parser = argparse.ArgumentParser(prog="medanomaly", description="Find abnormal regions in medical images.")
+    """The ``medanomaly`` parser: global flags and one sub-parser per command (``args.command``),
+    each command's help ending with examples (:data:`EXAMPLES`)."""
+    parser = argparse.ArgumentParser(prog="medanomaly", description="Find abnormal regions in medical images.",
+                                     epilog=examples(EXAMPLES["train"][:1] + EXAMPLES["predict"][:1]),
+                                     formatter_class=Formatter)
     parser.add_argument("--version", action="version", version=f"medanomaly {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
-    sub = parser.add_subparsers(dest="command", required=True)
+    global_flags(parser, here=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                help="what to do; 'medanomaly COMMAND --help' tells more")
     for add in (_add_train, _add_pretrain, _add_predict, _add_evaluate, _add_demo, _add_export, _add_serve,
                 _add_synthesize, _add_plan, _add_calibrate):
         add(sub)
+    for name, p in sub.choices.items():
+        global_flags(p, here=False)
+        p.formatter_class = Formatter
+        p.epilog = examples(EXAMPLES[name])
     return parser

@@ -77,7 +77,7 @@ def create_app(model_dir: str | Path, max_upload_mb: float = 200, device: str = 
     docstring; their handlers are in :mod:`medanomaly.apps.handlers`."""
     viewer = Viewer(model_dir, max_upload_mb, device, max_sessions, work_dir, max_memory_mb)
     app = FastAPI(title="medanomaly viewer", version=__version__, lifespan=H.lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None, default_response_class=H.StrictJSON)
     app.state.viewer, app.state.page = viewer, H.page()
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts or list(LOOPBACK_NAMES))
     app.middleware("http")(H.same_origin)

@@ -38,9 +38,10 @@ from medanomaly.config.schema import TrainConfig
 from medanomaly.config.sections import PostprocessParams
 from medanomaly.core.atomic import atomic_write_text, file_sha256
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.io import read_image
+from medanomaly.data.discover import channel_names_of, discover, read_sample
+from medanomaly.data.volumes import training_geometry
 from medanomaly.train.checkpoint import remove_stale_temp_files
-from medanomaly.train.run import RunRecord, run_record
+from medanomaly.train.run import RunRecord, run_record, training_facts
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,17 @@ def calibrate_and_save(out: Path, cfg: TrainConfig, data: Path, in_channels: int
     training summary (-1/NaN when nothing was trained). Returns the chosen post-processing."""
     training = TrainingSummary(best_epoch, best_val, "mean per-case Dice at 0.5 (training size)"
                                if cfg.task == "supervised" else f"minus the {cfg.anomaly.method} training loss on "
-                               "normal val slices")
+                               "normal val slices", **training_facts(out, cfg))
     digest = _weights_digest(out, build_model_file(cfg, in_channels, PostprocessParams(), training, {}))
+    train_cases = set(json.loads((out / "splits.json").read_text())["train"])
+    train_samples = [s for s in discover(data) if s.case in train_cases]
+    geometry = training_geometry(train_samples)  # orientation, spacing
+    names = channel_names_of(train_samples)  # e.g. FLAIR, T1: predict refuses other channels by name
 
     def model_file(cfg: TrainConfig, post: PostprocessParams | None = None,
                    calibration: dict[str, Any] | None = None) -> ModelFile:
-        return build_model_file(cfg, in_channels, post or PostprocessParams(), training, calibration or {}, digest)
+        return build_model_file(cfg, in_channels, post or PostprocessParams(), training, calibration or {}, digest,
+                                geometry, names)
 
     if cfg.task == "anomaly":
         cfg, map_choice = choose_map(out, data, cfg, device, model_file(cfg))
@@ -152,7 +158,7 @@ def _summary(model_dir: Path, data: Path, record: RunRecord) -> tuple[int, int, 
         raise MedanomalyError(f"none of the val cases of {model_dir / 'splits.json'} has an image in {data}; pass "
                               "the data folder the model was trained on")
     previous = read_model_file(model_dir, finished=False) if (model_dir / FILE_NAME).is_file() else None
-    in_ch = previous.input.channels if previous is not None else read_image(samples[0].image).channels
+    in_ch = previous.input.channels if previous is not None else read_sample(samples[0]).channels
     if (model_dir / "checkpoint.pt").is_file() or previous is None:
         return in_ch, record.best_epoch, record.best_val_score
     return in_ch, previous.training.best_epoch, previous.training.best_val_score

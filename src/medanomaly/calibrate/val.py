@@ -12,13 +12,13 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from medanomaly.config.model_file import ModelFile
-from medanomaly.data.discover import Sample, discover
+from medanomaly.core.progress import track
+from medanomaly.data.discover import Sample, discover, read_sample
 from medanomaly.infer.predictor import Predictor
 from medanomaly.infer.volume import iter_volumes
-from medanomaly.io import read_image, read_mask
+from medanomaly.io import read_mask
 
 
 def val_samples(out: Path, data: Path, labelled_only: bool = True) -> list[Sample]:
@@ -39,8 +39,8 @@ def val_predictions(out: Path, data: Path, device: torch.device | str, labelled_
     if predictor.dim == 3:  # whole volumes (stacked slices too), post-processed in 3D
         return _val_volumes(predictor, samples, progress)
     res: dict[str, list] = {"scores": [], "truths": [], "cases": [], "images": [], "labelled": []}
-    for s in tqdm(samples, desc="calibrating", unit="img", disable=not progress):
-        img = read_image(s.image)
+    for s in track(samples, desc="calibrating", unit="img", enabled=progress):
+        img = read_sample(s)
         res["scores"].append(predictor.scores(img))
         res["truths"].append(read_mask(s.mask, like=img) if s.mask else np.zeros(img.spatial_shape, bool))
         res["cases"].append(s.case)

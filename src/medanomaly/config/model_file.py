@@ -13,6 +13,8 @@ and the ``medanomaly_version`` that wrote it:
   threshold and post-processing were chosen on val);
 - ``weights`` (models with a network): ``{"file": "model.pt", "sha256": ...}``, the SHA-256 of the
   weights file the calibration ran on, which the predictor checks before using it.
+- ``geometry``: the training data's orientation and spacing (:data:`GEOMETRY_KEYS`); ``predict``
+  reorients volumes when it names an orientation and warns about inputs far from it.
 
 The file is written last, atomically, once calibration has succeeded: a directory without it (or
 with the ``calibration: {"status": "pending"}`` placeholder of earlier releases) is unfinished, and
@@ -36,6 +38,7 @@ from medanomaly.config import schema
 from medanomaly.config.options import NORMALIZATIONS, PRECISIONS, TASKS
 from medanomaly.config.schema import TrainConfig
 from medanomaly.config.sections import AnomalyConfig, PostprocessParams, UNetConfig
+from medanomaly.core import jsonio
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.version import __version__
@@ -45,6 +48,12 @@ FORMAT = "medanomaly-model"
 SCHEMA_VERSION = 2
 FILE_NAME = "model.json"
 WEIGHTS_FILE = "model.pt"
+#: the ``geometry`` record of the training data: ``orientation`` (the axis codes volumes were brought
+#: to, e.g. ["L", "P", "S"]; absent in older files: volumes are used as stored), ``median_spacing``
+#: (mm, Z Y X after reorientation; null for 2D rasters), ``slice_plane`` (the acquisition plane of
+#: most training volumes: axial, coronal, sagittal; null if none)
+GEOMETRY_KEYS = ("orientation", "median_spacing", "slice_plane")
+ORIENTATION = ("L", "P", "S")  # medanomaly.io.orient.CANONICAL (config sits below io, so it is repeated here)
 
 
 @dataclass(frozen=True)
@@ -52,7 +61,9 @@ class InputSpec:
     """What the network is fed: ``channels`` of the image, ``normalization`` (a key of
     NORMALIZATIONS); 2D: slices resized to ``size`` x ``size`` pixels; 3D (``dim`` 3): patches of
     ``patch`` voxels (Z, Y, X) of the volume resampled to ``spacing`` mm. ``tta``: averaged with the
-    left-right flipped prediction (supervised only)."""
+    left-right flipped prediction (supervised only). ``channel_names``: the name of each channel
+    (e.g. FLAIR, T1; from dataset.json or the files' modality tokens), () where the training data
+    named none (and in files written before names were recorded)."""
 
     channels: int
     size: int
@@ -61,6 +72,7 @@ class InputSpec:
     tta: bool = False
     patch: tuple[int, ...] | None = None
     spacing: tuple[float, ...] | None = None
+    channel_names: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.normalization not in NORMALIZATIONS:
@@ -69,6 +81,25 @@ class InputSpec:
             raise ValueError(f"input.dim is {self.dim!r}; 2 or 3")
         if self.dim == 3 and not self.patch:
             raise ValueError("input.patch is missing; a 3D model needs its sliding-window patch")
+        if self.channel_names and (len(self.channel_names) != self.channels
+                                   or not all(isinstance(n, str) for n in self.channel_names)):
+            raise ValueError(f"input.channel_names {list(self.channel_names)!r} is not one name per channel "
+                             f"({self.channels})")
+
+    def check_input(self, channels: int, names: tuple[str, ...] = (), what: str = "the input") -> None:
+        """Refuse an input of another number of channels, or of other channel names where both the
+        model and the input name theirs (names compared case-insensitively), naming both sides:
+        "model expects FLAIR, T1 (2 channels); INPUT has FLAIR (1)"."""
+        same_names = not (names and self.channel_names) or \
+            [n.lower() for n in names] == [n.lower() for n in self.channel_names]
+        if channels == self.channels and same_names:
+            return
+        expects = f"{', '.join(self.channel_names)} ({self.channels} channel{'s' * (self.channels != 1)})" \
+            if self.channel_names else f"{self.channels}-channel images"
+        has = f"{', '.join(names)} ({channels})" if names else f"{channels} channel{'s' * (channels != 1)}"
+        raise MedanomalyError(f"model expects {expects}; {what} has {has}: give the image with the channels the "
+                              "model was trained on, in that order (nnU-Net: one file per channel, case_0000, "
+                              "case_0001...; see README, 'Data layouts'), or use a model trained on these channels")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form; ``patch`` and ``spacing`` only for a 3D model (as the version 1 files)."""
@@ -76,6 +107,8 @@ class InputSpec:
                              "dim": self.dim, "tta": self.tta}
         if self.dim == 3:
             d.update(patch=list(self.patch or ()), spacing=self.spacing and list(self.spacing))
+        if self.channel_names:  # only where known: a one-channel model's file stays as it was
+            d["channel_names"] = list(self.channel_names)
         return d
 
     @classmethod
@@ -88,11 +121,19 @@ class InputSpec:
 @dataclass(frozen=True)
 class TrainingSummary:
     """The training run behind the weights: its best epoch (-1: nothing trained, the 'intensity'
-    baseline) and that epoch's validation score, ``val_score`` saying what the score measures."""
+    baseline) and that epoch's validation score, ``val_score`` saying what the score measures; the
+    epochs trained and the images (slices, 3D patches) the steps drew, the training minutes, and for
+    a planned run the speed the plan measured (img/s) and its minimum of images. None: not recorded
+    (model files of earlier releases)."""
 
     best_epoch: int = -1
     best_val_score: float = float("nan")
     val_score: str = ""
+    epochs: int | None = None
+    images_seen: int | None = None
+    train_minutes: float | None = None
+    plan_images_per_s: float | None = None
+    min_images: int | None = None
 
 
 @dataclass(frozen=True)
@@ -109,6 +150,7 @@ class ModelFile:
     training: TrainingSummary = field(default_factory=TrainingSummary)
     calibration: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str | None = None  # of model.pt (None: not recorded, as in version 1 files)
+    geometry: dict[str, Any] = field(default_factory=dict)  # the training data's (see GEOMETRY_KEYS); {}: older files
     medanomaly_version: str = __version__
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT
@@ -132,12 +174,15 @@ class ModelFile:
                              "medanomaly_version": self.medanomaly_version, "task": self.task,
                              "model": self.model.to_dict(), "input": self.input.to_dict(),
                              "precision": self.precision, "postprocess": self.postprocess.to_dict(),
-                             "training": asdict(self.training), "calibration": dict(self.calibration)}
+                             "training": {k: v for k, v in asdict(self.training).items() if v is not None},
+                             "calibration": dict(self.calibration)}  # training: what is recorded (None: not)
         if self.anomaly is not None:
             d["anomaly"] = self.anomaly.to_dict()
         d["config"] = self.config.to_dict()
         if self.weights_sha256 is not None:
             d["weights"] = {"file": WEIGHTS_FILE, "sha256": self.weights_sha256}
+        if self.geometry:
+            d["geometry"] = dict(self.geometry)
         return d
 
 
@@ -148,24 +193,28 @@ def network_out_channels(task: str, method: str, in_channels: int) -> int:
 
 
 def build_model_file(cfg: TrainConfig, in_channels: int, post: PostprocessParams, training: TrainingSummary,
-                     calibration: dict[str, Any], weights_sha256: str | None = None) -> ModelFile:
+                     calibration: dict[str, Any], weights_sha256: str | None = None,
+                     geometry: dict[str, Any] | None = None, channel_names: tuple[str, ...] = ()) -> ModelFile:
     """The model file of a run trained with ``cfg`` (its ``anomaly`` section holding the map settings
     chosen on val) on ``in_channels``-channel images, with the post-processing ``post`` chosen on val
-    and ``weights_sha256`` the SHA-256 of its model.pt (None for the 'intensity' method: no weights)."""
+    and ``weights_sha256`` the SHA-256 of its model.pt (None for the 'intensity' method: no weights);
+    ``geometry``: the training data's orientation and spacing record (see :data:`GEOMETRY_KEYS`);
+    ``channel_names``: the training images' channel names (() where unnamed)."""
     net = replace(cfg.model, in_channels=in_channels,
                   out_channels=network_out_channels(cfg.task, cfg.anomaly.method, in_channels))
     dim3 = cfg.model.dim == 3  # 3D: sliding-window patch (voxels), training spacing (mm)
     spec = InputSpec(in_channels, cfg.size, cfg.normalization, cfg.model.dim, cfg.tta and cfg.task == "supervised",
-                     cfg.patch if dim3 else None, cfg.spacing if dim3 else None)
+                     cfg.patch if dim3 else None, cfg.spacing if dim3 else None,
+                     tuple(channel_names) if len(channel_names) == in_channels else ())
     return ModelFile(cfg.task, spec, net, post, replace(cfg, model=net),
                      cfg.anomaly if cfg.task == "anomaly" else None, cfg.precision, training, dict(calibration),
-                     weights_sha256)
+                     weights_sha256, _checked_geometry(dict(geometry or {})))
 
 
 def write_model_file(model_file: ModelFile, model_dir: str | Path) -> Path:
     """Write ``model_dir/model.json`` atomically; return its path."""
     path = Path(model_dir) / FILE_NAME
-    atomic_write_text(path, json.dumps(model_file.to_dict(), indent=2))
+    atomic_write_text(path, jsonio.dumps(model_file.to_dict(), indent=2))
     return path
 
 
@@ -261,9 +310,25 @@ def from_dict(data: dict[str, Any]) -> ModelFile:
         task=task, input=InputSpec.from_dict(data["input"]), model=UNetConfig(**data["model"]),
         postprocess=PostprocessParams.from_dict(data["postprocess"]), config=schema.from_dict(data["config"]),
         anomaly=AnomalyConfig(**data["anomaly"]) if task == "anomaly" else None, precision=data["precision"],
-        training=TrainingSummary(**data["training"]), calibration=dict(data["calibration"]),
-        weights_sha256=_weights_sha256(data.get("weights")), medanomaly_version=data["medanomaly_version"],
+        training=_training(data["training"]), calibration=dict(data["calibration"]),
+        weights_sha256=_weights_sha256(data.get("weights")),
+        geometry=_checked_geometry(data.get("geometry", {})), medanomaly_version=data["medanomaly_version"],
         schema_version=data["schema_version"], format=data["format"])
+
+
+def _training(record: dict[str, Any]) -> TrainingSummary:
+    """The ``training`` record; a best val score written as null (strict JSON has no NaN) is NaN again."""
+    return TrainingSummary(**{**record, "best_val_score": jsonio.number(record.get("best_val_score"))})
+
+
+def _checked_geometry(geometry: Any) -> dict[str, Any]:
+    """The ``geometry`` record, checked: a dict of :data:`GEOMETRY_KEYS` only; ValueError otherwise."""
+    if not isinstance(geometry, dict) or not set(geometry) <= set(GEOMETRY_KEYS):
+        raise ValueError(f"geometry is {geometry!r}; expected an object with keys among {', '.join(GEOMETRY_KEYS)}")
+    if geometry.get("orientation") not in (None, list(ORIENTATION)):  # the one orientation io.orient brings volumes to
+        raise ValueError(f"geometry.orientation is {geometry['orientation']!r}; this medanomaly trains and predicts "
+                         f"in {list(ORIENTATION)} only")
+    return dict(geometry)
 
 
 def _weights_sha256(weights: Any) -> str | None:

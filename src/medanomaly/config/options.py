@@ -16,6 +16,8 @@ UNLABELLED_METHODS = ("auto", "mean-teacher", "pretrain", "pretrain+mean-teacher
 # what `train --unlabelled` does unless told otherwise: the remedy that measured best with few labels
 # (bench/label_efficiency.py, README "Learning from few labels")
 DEFAULT_UNLABELLED_METHOD = "pretrain"
+# predict --naming: medanomaly (STEM_pred.EXT, STEM_score.EXT, STEM_overlay.png) or nnunet (CASE.EXT label maps only)
+NAMINGS = ("medanomaly", "nnunet")
 RUNTIMES = ("torch", "onnx")  # what runs the network in `predict` (ONNX Runtime: MODEL/model.onnx, CPU, fp32)
 EXPORT_FORMATS = ("onnx",)
 DIMS = (2, 3)  # 2: U-Net on slices; 3: U-Net on patches of volumes

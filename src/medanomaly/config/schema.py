@@ -34,6 +34,7 @@ from medanomaly.config.sections import (
     AugmentConfig,
     UNetConfig,
 )
+from medanomaly.core import jsonio
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 
@@ -58,6 +59,9 @@ class TrainConfig:
     size: int = setting(128, ge=16, le=4096)  # training / inference input, pixels per side
     epochs: int = setting(100, ge=1, le=MANY)
     max_minutes: float = setting(25.0, ge=0, le=MANY)  # wall-clock budget (0: none); the LR schedule anneals within it
+    # training images/s the plan measured for these settings on this machine (set by the plan; None: no plan):
+    # a run that trains well below it says so once (medanomaly.train.loop)
+    plan_images_per_s: float | None = setting(None, kind="float", gt=0, le=1e9, nullable=True)
     batch_size: int = setting(16, ge=1, le=4096)
     lr: float = setting(2e-3, gt=0, le=10)
     weight_decay: float = setting(1e-4, ge=0, le=1)
@@ -75,6 +79,7 @@ class TrainConfig:
     # torch.compile the training network (Inductor; 2D, one process; needs a C++ compiler)
     compile: bool = setting(False)
     tta: bool = setting(False)  # predict also on the left-right flipped image and average (2x inference time)
+    tensorboard: bool = setting(False)  # also write TensorBoard event files (needs the tensorboard package)
     init: str | None = setting(None, **PATH)  # start from these weights: a model directory or a .pt state dict
     freeze_encoder_epochs: int = setting(0, ge=0, le=MANY)  # with init: train only the decoder for this many epochs
     # probability that a lesion-free training sample gets a synthetic lesion
@@ -229,7 +234,7 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Tr
 
 
 def save(cfg: TrainConfig, path: str | Path) -> None:
-    atomic_write_text(Path(path), json.dumps(cfg.to_dict(), indent=2))
+    atomic_write_text(Path(path), jsonio.dumps(cfg.to_dict(), indent=2))
 
 
 def with_changes(cfg: TrainConfig, **changes: Any) -> TrainConfig:

@@ -8,6 +8,11 @@ Layouts found by :func:`discover` (first match wins, per folder):
   ``X_label.nrrd``, ``X.tif`` + ``X_mask.tif`` (mask tokens: see :data:`MASK_TOKENS`);
 * any image without a mask is kept with ``mask=None`` (used by the anomaly task and predict).
 
+Several files can be the channels of one image (nnU-Net ``_0000``/``_0001``..., or co-registered
+``<case>_flair``/``_t1``/``_t2``...): :mod:`medanomaly.data.channels` groups them into one
+:class:`Sample` whose ``image`` is the first channel file and ``channels`` all of them, in order;
+:func:`read_sample` reads any sample as one (C, ...) image.
+
 The case (patient) id is the first sub-folder below the data root when images sit in
 per-patient folders (``lgg-flair/<patient>/...``), otherwise the file's key (stem without
 modality/mask tokens). Splits are made by case, never by slice.
@@ -19,11 +24,13 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.io import IMAGE_SUFFIXES, full_suffix, is_dicom_series_dir, stem_of
+from medanomaly.data.channels import ChannelGroup, DatasetInfo, check_channel_sets, group_channels, nnunet_info
+from medanomaly.data.listing import is_listing, listed_samples, listing_splits
+from medanomaly.io import IMAGE_SUFFIXES, Image, full_suffix, is_dicom_series_dir, read_channels, stem_of
 
 log = logging.getLogger(__name__)
 
@@ -35,12 +42,33 @@ IMAGE_DIRS = ("images", "image", "imagesTr", "imagesTs", "imgs")
 
 @dataclass(frozen=True)
 class Sample:
-    """One image file (or DICOM series folder), its mask if any, and its case id."""
+    """One image file (or DICOM series folder), its mask if any, and its case id. A multi-channel
+    image of several files: ``image`` is the first, ``channels`` all of them in channel order, and
+    ``channel_names`` their names where known (dataset.json, modality tokens; else ())."""
 
     image: Path
     mask: Path | None
     case: str
     key: str
+    channels: tuple[Path, ...] = ()
+    channel_names: tuple[str, ...] = ()
+
+    @property
+    def files(self) -> tuple[Path, ...]:
+        """The image files of the sample, in channel order (just ``image`` for a one-file image)."""
+        return self.channels or (self.image,)
+
+
+def channel_names_of(samples: list[Sample]) -> tuple[str, ...]:
+    """The channel names the samples share (what the model file records); () where any lacks them."""
+    names = {s.channel_names for s in samples}
+    return names.pop() if len(names) == 1 else ()
+
+
+def read_sample(sample: Sample) -> Image:
+    """The sample's image, all its channel files as one float32 (C, ...) Image (see
+    :func:`medanomaly.io.read_channels`); exactly :func:`medanomaly.io.read_image` for one file."""
+    return read_channels(sample.files, sample.channel_names)
 
 
 def strip_token(stem: str, tokens: tuple[str, ...]) -> tuple[str, bool]:
@@ -106,7 +134,17 @@ def _pair_dirs(img_dir: Path, mask_dir: Path) -> tuple[list[tuple[Path, Path | N
     return _pair([p for p in entries if _mask_base(p) is None], masks)
 
 
-def _walk(root: Path, folder: Path, out: list[Sample], seen: set[Path], orphans: list[Path]) -> None:
+@dataclass
+class _Channels:
+    """What discovery saw of channels: the nnU-Net descriptions of its folders and each sample's
+    channel group (for :func:`medanomaly.data.channels.check_channel_sets`)."""
+
+    infos: list[DatasetInfo] = field(default_factory=list)
+    groups: list[tuple[str, ChannelGroup]] = field(default_factory=list)
+
+
+def _walk(root: Path, folder: Path, out: list[Sample], seen: set[Path], orphans: list[Path],
+          channels: _Channels) -> None:
     real = folder.resolve()
     if real in seen:  # symlink loops
         return
@@ -118,10 +156,10 @@ def _walk(root: Path, folder: Path, out: list[Sample], seen: set[Path], orphans:
         mask_dir = next((names[d] for d in _mask_dirs_for(img_dir.name) if d in names), None)
         pairs, unused = _pair_dirs(img_dir, mask_dir) if mask_dir else _pair_folder(img_dir)
         used_mask_dirs.add(mask_dir)
-        out.extend(_sample(root, img, mask, key) for img, mask, key in pairs)
+        out.extend(_samples(root, img_dir, pairs, channels))
         orphans.extend(unused)
     pairs, unused = _pair_folder(folder)
-    out.extend(_sample(root, img, mask, key) for img, mask, key in pairs)
+    out.extend(_samples(root, folder, pairs, channels))
     orphans.extend(unused)
     for d in MASK_DIRS:  # a masks/ folder without its images/ folder: its masks go unused
         if d in names and names[d] not in used_mask_dirs:
@@ -129,7 +167,20 @@ def _walk(root: Path, folder: Path, out: list[Sample], seen: set[Path], orphans:
     for sub in sorted(names.values()):
         if sub in img_dirs or sub.name in MASK_DIRS or sub.name.startswith(".") or is_dicom_series_dir(sub):
             continue
-        _walk(root, sub, out, seen, orphans)
+        _walk(root, sub, out, seen, orphans, channels)
+
+
+def _samples(root: Path, folder: Path, pairs: list[tuple[Path, Path | None, str]], found: _Channels) -> list[Sample]:
+    """The samples of one folder's (image, mask, key) pairs, channel files grouped
+    (:func:`medanomaly.data.channels.group_channels`), noted in ``found``."""
+    info = nnunet_info(folder) if pairs else None
+    if info is not None:
+        found.infos.append(info)
+    out = []
+    for g in group_channels(pairs, info):
+        out.append(_sample(root, g.files[0], g.mask, g.key, g.files if len(g.files) > 1 else (), g.names))
+        found.groups.append((out[-1].case, g))
+    return out
 
 
 def _report_orphans(root: Path, orphans: list[Path]) -> None:
@@ -154,11 +205,17 @@ def _mask_dirs_for(img_dir: str) -> tuple[str, ...]:
     return tuple(d for d in MASK_DIRS if not d.startswith("labels") or d == "labels")
 
 
-def _sample(root: Path, image: Path, mask: Path | None, key: str) -> Sample:
+def _sample(root: Path, image: Path, mask: Path | None, key: str, channels: tuple[Path, ...] = (),
+            names: tuple[str, ...] = ()) -> Sample:
     rel = image.relative_to(root).parts
     # per-patient folders give the case id, unless the image sits in an images/ layout folder
     top = rel[0] if len(rel) > 1 and not any(part in IMAGE_DIRS for part in rel[:-1]) else None
-    return Sample(image=image, mask=mask, case=top or key, key=key)
+    return Sample(image=image, mask=mask, case=top or key, key=key, channels=channels, channel_names=names)
+
+
+def _key_of(image: Path) -> str:
+    """An image's key: its stem without a modality token (``X_flair.png`` -> ``X``)."""
+    return strip_token(stem_of(image), IMAGE_TOKENS)[0]
 
 
 def discover(root: str | Path) -> list[Sample]:
@@ -169,11 +226,14 @@ def discover(root: str | Path) -> list[Sample]:
     root = Path(root)
     if not root.exists():
         raise MedanomalyError(f"data folder {root} does not exist; pass the folder that holds your images")
+    if is_listing(root):  # a CSV table of image (and mask) paths instead of a folder (medanomaly.data.listing)
+        return [Sample(**fields) for fields in listed_samples(root, _key_of)]
     if root.is_file() or is_dicom_series_dir(root):
         return [Sample(image=root, mask=None, case=stem_of(root), key=stem_of(root))]
     out: list[Sample] = []
     orphans: list[Path] = []
-    _walk(root, root, out, set(), orphans)
+    channels = _Channels()
+    _walk(root, root, out, set(), orphans, channels)
     if not out:
         masks = _mask_files(root)
         if masks:
@@ -186,7 +246,25 @@ def discover(root: str | Path) -> list[Sample]:
             f"no images found in {root}; supported files: {', '.join(IMAGE_SUFFIXES)} or DICOM series folders"
         )
     _report_orphans(root, orphans)
+    check_channel_sets(channels.groups, next((i.channel_names for i in channels.infos if i.channel_names), ()))
     return sorted(out, key=lambda s: (s.case, _natural_key(s.image.relative_to(root).as_posix())))
+
+
+def group_inputs(items: list[tuple[Path, Path]], channels: int) -> tuple[list[tuple[Path, Path]], dict[Path, Sample]]:
+    """predict's inputs ((root, path) pairs) with the channel files of one image grouped as
+    :func:`discover` groups them: in nnU-Net folders (imagesTs/, or beside a dataset.json) always; for
+    a model of several ``channels`` anywhere (``_0000``, ``_0001``... or modality tokens, e.g. the
+    channel files of one case given as files). Returns the (root, first file) item of each image and,
+    keyed by that file, the :class:`Sample` to read (:func:`read_sample`). Order kept."""
+    folders: dict[tuple[Path, Path], list[Path]] = {}
+    for root, path in items:
+        folders.setdefault((root, path.parent), []).append(path)
+    firsts: dict[Path, Sample] = {}
+    for (_, folder), paths in folders.items():
+        info = nnunet_info(folder) or (DatasetInfo() if channels > 1 else None)
+        for g in group_channels([(p, None, stem_of(p)) for p in paths], info, tokens=channels > 1):
+            firsts[g.files[0]] = Sample(g.files[0], None, g.key, g.key, g.files if len(g.files) > 1 else (), g.names)
+    return [(root, path) for root, path in items if path in firsts], firsts
 
 
 def _mask_files(root: Path, limit: int = 1000) -> list[Path]:
@@ -242,6 +320,9 @@ def make_splits(cases: list[str], seed: int, val: float = 0.15, test: float = 0.
 def resolve_splits(root: Path, samples: list[Sample], splits_file: str | Path | None, seed: int) -> dict[str, list[str]]:
     """``--splits FILE``, else ``root/splits.json``, else a seeded split by case."""
     cases = sorted({s.case for s in samples})
+    listed = listing_splits(root, [(s.image, s.case) for s in samples]) if is_listing(root) else None
+    if splits_file is None and listed is not None:  # a CSV listing's split column
+        return listed
     if splits_file is None and Path(root, "splits.json").is_file():
         splits_file = Path(root, "splits.json")
     if splits_file is not None:

@@ -24,28 +24,34 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.progress import track
 from medanomaly.data.discover import Sample
 from medanomaly.data.foreground import foreground_mask
 from medanomaly.data.slices import normalize
-from medanomaly.io import Geometry, Image, full_suffix, read_image, read_mask
+from medanomaly.io import Geometry, Image, full_suffix, read_channels, read_image, read_mask
+from medanomaly.io.orient import CANONICAL, PLANES, canonical, reorients
 
 log = logging.getLogger(__name__)
 
 SLICE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm")  # 2D files, stacked per folder
 PATCH_VOXELS = {"cpu": 2**18, "cuda": 2**21}  # default patch budget: 64^3 voxels on a CPU, 128^3 on a GPU
 MAX_CENTRES = 10_000  # oversampling centres kept per volume (nnU-Net keeps 10 000 voxels per class)
+GEOMETRY_VOLUMES = 16  # volumes read for the model file's geometry record (headers vary little in a data set)
 
 
 @dataclass(frozen=True)
 class VolumeCase:
-    """One volume of a case: a 3D file or DICOM series (one path), or ordered 2D slices."""
+    """One volume of a case: a 3D file or DICOM series (one path), or ordered 2D slices. Images of
+    one file per channel (nnU-Net ``_0000``, ``_0001``...): ``channels`` holds each image's channel
+    files (() for one file each) and ``channel_names`` their names (() if unnamed)."""
 
     case: str
     images: tuple[Path, ...]
     masks: tuple[Path | None, ...]
+    channels: tuple[tuple[Path, ...], ...] = ()
+    channel_names: tuple[str, ...] = ()
 
     @property
     def key(self) -> str:
@@ -60,7 +66,9 @@ def group_volumes(samples: Sequence[Sample]) -> list[VolumeCase]:
     for s in samples:
         stack = s.image.is_file() and full_suffix(s.image) in SLICE_SUFFIXES
         groups.setdefault((s.case, s.image.parent) if stack else (s.case, s.image), []).append(s)
-    return [VolumeCase(g[0].case, tuple(s.image for s in g), tuple(s.mask for s in g)) for g in groups.values()]
+    return [VolumeCase(g[0].case, tuple(s.image for s in g), tuple(s.mask for s in g),
+                       tuple(s.files for s in g) if any(s.channels for s in g) else (), g[0].channel_names)
+            for g in groups.values()]
 
 
 def stack_slices(slices: Sequence[Image]) -> Image:
@@ -80,10 +88,13 @@ def stack_slices(slices: Sequence[Image]) -> Image:
 
 def read_volume(vc: VolumeCase) -> tuple[Image, list[Image] | None]:
     """(volume (C, Z, Y, X), its 2D slice Images or None for a 3D file). A lone 2D image is a 1-slice stack."""
+    def read(i: int) -> Image:  # all channel files of image i, where it has several
+        return read_channels(vc.channels[i], vc.channel_names) if vc.channels else read_image(vc.images[i])
+
     if len(vc.images) == 1:
-        img = read_image(vc.images[0])
+        img = read(0)
         return (img, None) if img.ndim_spatial == 3 else (stack_slices([img]), [img])
-    slices = [read_image(p) for p in vc.images]
+    slices = [read(i) for i in range(len(vc.images))]
     bad = [im.path for im in slices if im.ndim_spatial != 2]
     if bad:
         raise MedanomalyError(f"{bad[0]} is a volume, not a 2D slice; keep volumes and slices in separate folders")
@@ -100,11 +111,29 @@ def read_volume_mask(vc: VolumeCase, image: Image, slices: list[Image] | None) -
 
 
 def volume_spacing(vc: VolumeCase) -> tuple[float, float, float]:
-    """Voxel spacing of a volume case (Z, Y, X): its header's for a 3D file, 1 voxel for stacked slices."""
+    """Voxel spacing of a volume case (Z, Y, X) in the canonical orientation (:mod:`medanomaly.io.orient`):
+    its header's for a 3D file, 1 voxel for stacked slices."""
     if len(vc.images) > 1 or full_suffix(vc.images[0]) in SLICE_SUFFIXES[:6]:
         return (1.0, 1.0, 1.0)
-    sp = read_image(vc.images[0]).geometry.spacing
+    sp = canonical(read_image(vc.images[0]))[0].geometry.spacing
     return tuple(float(s) for s in sp) if len(sp) == 3 else (1.0, *map(float, sp))  # type: ignore[return-value]
+
+
+def training_geometry(samples: Sequence[Sample], max_volumes: int = GEOMETRY_VOLUMES) -> dict:
+    """The model file's ``geometry`` record of training data: the canonical orientation's axis codes,
+    the median canonical spacing (mm, Z Y X) and the most common acquisition plane of up to
+    ``max_volumes`` 3D volumes with a known spacing, spread over ``samples`` (both None for 2D data)."""
+    cases = [vc for vc in group_volumes(samples)
+             if len(vc.images) == 1 and full_suffix(vc.images[0]) not in SLICE_SUFFIXES]
+    spacings, planes = [], []
+    for vc in cases[::max(1, math.ceil(len(cases) / max_volumes))]:
+        img = read_image(vc.images[0])
+        if reorients(img.geometry, img.ndim_spatial):
+            c, turn = canonical(img)
+            spacings.append(c.geometry.spacing)
+            planes.append(PLANES[turn.slice_axis])
+    return {"orientation": list(CANONICAL), "median_spacing": list(median_spacing(spacings)) if spacings else None,
+            "slice_plane": max(PLANES, key=planes.count) if planes else None}
 
 
 def resampled_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float] | None) -> tuple[int, ...]:
@@ -166,10 +195,13 @@ class Volume:
 
 def load_volume(vc: VolumeCase, spacing: Sequence[float] | None, normalization: str, task: str,
                 seed: int = 0) -> Volume:
-    """Read, normalise (whole volume) and resample one volume case to ``spacing`` (None: as stored)."""
-    img, slices = read_volume(vc)
-    truth = read_volume_mask(vc, img, slices)
-    a = normalize(img.array, normalization, img.geometry.kind, img.geometry.meta.get("dtype"))
+    """Read, reorient (:mod:`medanomaly.io.orient`), normalise (whole volume) and resample one volume
+    case to ``spacing`` (None: as stored)."""
+    stored, slices = read_volume(vc)
+    img, turn = canonical(stored)  # the one orientation (io.orient); identity for stacked slices
+    truth = np.ascontiguousarray(turn.apply(read_volume_mask(vc, stored, slices)))
+    a = normalize(np.ascontiguousarray(img.array), normalization, img.geometry.kind, img.geometry.meta.get("dtype"),
+                  vc.channel_names)
     shape = resampled_shape(img.spatial_shape, img.geometry.spacing, spacing)
     x = resample(a, shape)
     if task == "anomaly":
@@ -189,7 +221,7 @@ def load_volumes(cases: Sequence[VolumeCase], spacing: Sequence[float] | None, n
     if not cases:
         raise MedanomalyError("no volumes to load: the selected split is empty")
     out = [load_volume(vc, spacing, normalization, task, seed=i)
-           for i, vc in enumerate(tqdm(cases, desc="loading volumes", unit="vol", disable=not progress))]
+           for i, vc in enumerate(track(cases, desc="loading volumes", unit="vol", enabled=progress))]
     channels = {v.image.shape[0] for v in out}
     if len(channels) > 1:
         raise MedanomalyError(f"the volumes have different channel counts {sorted(channels)}; all images of a data "

@@ -16,17 +16,20 @@ import io as _io
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from medanomaly.anomaly.methods import AnomalyConfig, image_score
 from medanomaly.calibrate.search import fit_intensity_baseline
+from medanomaly.core import jsonio
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.data.discover import Sample, discover, load_splits
+from medanomaly.core.progress import track
+from medanomaly.data.discover import Sample, discover, load_splits, read_sample
+from medanomaly.data.listing import data_root, is_listing, listing_splits
+from medanomaly.evaluate.match import check_missing, find_predictions
 from medanomaly.evaluate.report import GalleryItem, select_gallery, write_report
 from medanomaly.infer.overlay import best_slice
 from medanomaly.infer.predictor import Predictor
@@ -35,15 +38,18 @@ from medanomaly.infer.write import (
     check_output_dir,
     check_outputs,
     output_stems,
+    score_file,
     write_prediction,
 )
-from medanomaly.io import read_image, read_mask, stem_of
+from medanomaly.io import read_image, read_mask
 from medanomaly.metrics import functional as M
 
 log = logging.getLogger(__name__)
 #: what evaluate writes into --out (besides predictions/ with --model), and the intensity baseline's model files
 EVALUATE_FILES = ("cases.csv", "summary.json", "report.html")
 BASELINE_FILES = tuple(f"baseline-model/{name}" for name in ("model.json", "config.json", "splits.json"))
+#: summary.json's "split" when evaluate --model scores data that holds none of the model's cases
+EXTERNAL_SPLIT = "all (data not in the model's split)"
 CASE_FIELDS = ["case", "n_images", "dice", "iou", "sensitivity", "specificity", "precision", "tp", "fp", "fn",
                "tn", "n_true_lesions", "n_pred_lesions"]
 
@@ -154,7 +160,7 @@ def write_tables(out: Path, rows: list[dict], summary: dict) -> None:
     for r in rows:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
     atomic_write_text(out / "cases.csv", buf.getvalue())
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=_json_default))
+    atomic_write_text(out / "summary.json", jsonio.dumps(summary, indent=2, default=_json_default))
 
 
 def _json_default(o):
@@ -172,10 +178,11 @@ def select(data: Path, split: str | None, splits_file: str | Path | None) -> lis
         return samples
     if splits_file is None and (data / "splits.json").is_file():
         splits_file = data / "splits.json"
-    if splits_file is None:
-        raise MedanomalyError(f"--split {split} needs a split file: pass --splits FILE (the model's splits.json) "
-                              f"or put splits.json in {data}; or pass --split all")
-    splits = load_splits(splits_file, sorted({s.case for s in samples}))
+    listed = listing_splits(data, [(s.image, s.case) for s in samples]) if is_listing(data) else None
+    if splits_file is None and listed is None:
+        raise MedanomalyError(f"--split {split} needs a split file: pass --splits FILE (the model's splits.json), "
+                              f"put splits.json in {data} or a split column in a CSV listing; or pass --split all")
+    splits = load_splits(splits_file, sorted({s.case for s in samples})) if splits_file is not None else listed
     if split not in splits:  # checked here, once the split file is read, before anything is predicted
         raise MedanomalyError(f"--split {split!r} is not a split of {splits_file}; valid: all, {', '.join(splits)}")
     cases = set(splits[split])
@@ -183,12 +190,6 @@ def select(data: Path, split: str | None, splits_file: str | Path | None) -> lis
     if not chosen:
         raise MedanomalyError(f"split '{split}' of {splits_file} has no labelled images in {data}")
     return chosen
-
-
-def find_prediction(pred_dir: Path, data: Path, sample: Sample, kind: str = "pred") -> Path | None:
-    rel = sample.image.relative_to(data)
-    found = sorted((pred_dir / rel.parent).glob(f"{stem_of(sample.image)}_{kind}.*"))
-    return found[0] if found else None
 
 
 def _finish(acc: Accumulator, out: Path, extra: dict, history: list[dict] | None, title: str, synthetic: bool,
@@ -220,7 +221,8 @@ def _history(model_dir: Path) -> list[dict] | None:
 def prediction_stems(pred_dir: Path, data: Path, samples: Sequence[Sample]) -> dict[Path, Path]:
     """Where the predictions of the samples go, as ``predict DATA --out pred_dir`` names them: below
     ``pred_dir`` as the images are below ``data``, one name per image (:func:`output_stems`)."""
-    return output_stems(pred_dir, [(data, s.image) for s in samples])
+    root = data_root(data)  # a CSV listing: the folder of its images
+    return output_stems(pred_dir, [(root, s.image) for s in samples])
 
 
 def _predict_and_score(predictor, samples: list[Sample], data: Path, pred_dir: Path | None,
@@ -231,8 +233,8 @@ def _predict_and_score(predictor, samples: list[Sample], data: Path, pred_dir: P
         return predict_and_score_3d(predictor, samples, data, pred_dir, progress)
     acc = Accumulator()
     stems = prediction_stems(pred_dir, data, samples) if pred_dir is not None else {}
-    for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
-        img = read_image(s.image)
+    for s in track(samples, desc="evaluate", unit="img", enabled=progress):
+        img = read_sample(s)
         truth = read_mask(s.mask, like=img)  # before writing anything for this sample
         pred = predictor.predict(img)
         if pred_dir is not None:
@@ -253,8 +255,7 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, spl
     results in ``out`` are replaced only with ``overwrite`` (checked before predicting)."""
     model_dir, data, out = Path(model_dir), Path(data), Path(out)
     check_output_dir(out, [data, model_dir])
-    if splits_file is None and split is not None and (model_dir / "splits.json").is_file():
-        splits_file = model_dir / "splits.json"
+    splits_file, split, external = model_split(model_dir, data, split, splits_file)
     samples = select(data, split, splits_file)
     check_outputs(out, list(prediction_stems(out / "predictions", data, samples).values()), overwrite,
                   extra=EVALUATE_FILES + BASELINE_FILES)
@@ -262,16 +263,58 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, spl
     acc = _predict_and_score(predictor, samples, data, out / "predictions", progress)
     post = predictor.post.to_dict()
     calibration = predictor.model_file.calibration
-    extra = {"split": split or "all", "model": str(model_dir), "task": predictor.task, "postprocess": post,
+    label = EXTERNAL_SPLIT if external else split or "all"
+    extra = {"split": label, "model": str(model_dir), "task": predictor.task, "postprocess": post,
              "threshold_source": f"validation split ({calibration.get('mode', 'Dice on val')}), saved in model.json",
-             "calibration": calibration}
-    if predictor.anomaly is not None and predictor.anomaly.method != "intensity":
+             "calibration": calibration, "training": asdict(predictor.model_file.training)}
+    if predictor.anomaly is not None and predictor.anomaly.method != "intensity" and not external:
         extra["method"] = predictor.anomaly.method
         extra["baseline"] = _baseline_summary(model_dir, data, out / "baseline-model", samples, device, progress)
     notes = [f"Threshold {post['threshold']:.4g} and post-processing {post} were chosen on the validation split "
              "during training; nothing was tuned on these cases.",
-             "Dice per case pools all slices of a case; empty truth and empty prediction score 1."]
-    return _finish(acc, out, extra, _history(model_dir), f"medanomaly evaluation ({split or 'all'} split)", synthetic, notes)
+             "Dice per case pools all slices of a case; empty truth and empty prediction score 1.",
+             *training_note(extra["training"]),
+             *([f"{data} holds none of the cases of the model's split file: all its cases were scored as an "
+                "external test set (no intensity baseline: it is calibrated on the model's val cases)."]
+               if external else [])]
+    return _finish(acc, out, extra, _history(model_dir), f"medanomaly evaluation ({label} split)", synthetic, notes)
+
+
+def model_split(model_dir: Path, data: Path, split: str | None, splits_file: str | Path | None
+                ) -> tuple[str | Path | None, str | None, bool]:
+    """(split file, split, external) for ``evaluate --model``: ``--splits FILE`` as given; else the
+    model's splits.json, unless ``data`` holds none of its cases (an external test set): then every
+    case of ``data`` (split None) and ``external`` True, for the default ``test`` split only (another
+    split name has no meaning there: an error)."""
+    own = model_dir / "splits.json"
+    if splits_file is not None or split is None or not own.is_file():
+        return splits_file, split, False
+    try:
+        listed = json.loads(own.read_text())
+        known = {str(c) for ids in listed.values() for c in ids}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return own, split, False  # select -> load_splits reports a bad split file
+    cases = {s.case for s in discover(data) if s.mask is not None}
+    if not cases or cases & known:
+        return own, split, False
+    if split != "test":
+        raise MedanomalyError(f"--split {split}: {data} holds none of the {len(known)} cases of the model's split "
+                              f"file {own}, so it has no '{split}' cases; evaluate all its cases (--split all or no "
+                              "--split) or pass --splits FILE")
+    log.warning("%s holds none of the cases of the model's split file %s: an external test set, all its %d cases are "
+                "scored", data, own, len(cases))
+    return None, None, True
+
+
+def training_note(training: dict) -> list[str]:
+    """One line on the training behind the model (epochs, images seen, the plan's minimum), or none
+    for a model file that does not record them."""
+    if training.get("images_seen") is None:
+        return []
+    plan = (f"; the plan measured {training['plan_images_per_s']:.1f} images/s and asks for at least "
+            f"{training['min_images']:,}" if training.get("plan_images_per_s") and training.get("min_images") else "")
+    return [f"Trained {training['epochs']} epochs in {training['train_minutes']:.1f} min: "
+            f"{training['images_seen']:,} training images seen{plan}."]
 
 
 def _baseline_summary(model_dir: Path, data: Path, base_dir: Path, samples: list[Sample], device: str,
@@ -291,19 +334,16 @@ def evaluate_predictions(pred_dir: str | Path, data: str | Path, out: str | Path
     check_output_dir(out, [data, pred_dir])
     samples = select(data, split, splits_file)
     check_outputs(out, [], overwrite, extra=EVALUATE_FILES)
-    acc, missing = Accumulator(), []
-    for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress):
-        p = find_prediction(pred_dir, data, s)
-        if p is None:
-            missing.append(s.image)
-            continue
-        img = read_image(s.image)
-        pred = read_mask(p, like=img)
-        sp = find_prediction(pred_dir, data, s, "score")
+    found, cache = find_predictions(pred_dir, data, samples), {}
+    missing = [s for s in samples if s.image not in found]
+    check_missing(pred_dir, samples, missing)
+    acc = Accumulator()
+    for s in track([s for s in samples if s.image in found], desc="evaluate", unit="img", enabled=progress):
+        img = read_sample(s)
+        pred = read_mask(found[s.image], like=img)
+        sp = score_file(found[s.image], cache)
         score = read_image(sp).array[0] if sp is not None else None
         acc.add(s.case, pred, read_mask(s.mask, like=img), score, img.array)
-    if missing:
-        log.warning("%d images have no prediction in %s (e.g. %s); they are left out", len(missing), pred_dir, missing[0])
     extra = {"split": split or "all", "predictions": str(pred_dir), "n_missing_predictions": len(missing)}
     return _finish(acc, out, extra, None, "medanomaly evaluation of predictions", False,
                    [f"{len(missing)} images without a prediction were left out."] if missing else [])

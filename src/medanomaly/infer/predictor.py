@@ -3,11 +3,15 @@ and applied to one image or volume at a time, on its own grid.
 
 One :class:`Predictor` serves 2D and 3D models and both runtimes: the network sits behind a
 :class:`~medanomaly.infer.backend.Backend` (PyTorch, or ONNX Runtime for ``runtime="onnx"``), and
-two scoring paths feed it:
+two scoring paths feed it. A volume is first brought to the canonical orientation
+(:mod:`medanomaly.io.orient`, when the model file's ``geometry`` record names one: the model was
+trained so) and its score map mapped back exactly to the stored grid; :func:`geometry_warning` says
+once per input when it is far from the training data.
 
-- 2D (``input.dim`` 2): the image (C, H, W) or each slice of a volume (C, Z, Y, X) is normalised
-  (the volume as a whole), resized to ``size`` x ``size``, scored in batches of ``batch_size``
-  slices, and the map resized back (bilinear);
+- 2D (``input.dim`` 2): the image (C, H, W) or each axial slice of a volume (C, Z, Y, X) is
+  normalised (the volume as a whole), fitted to ``size`` x ``size`` (padded to a physical square,
+  :func:`medanomaly.data.slices.fit`), scored in batches of ``batch_size`` slices, and the map
+  resized back and cropped (bilinear, :func:`medanomaly.data.slices.unfit`);
 - 3D (``input.dim`` 3): the normalised volume is resampled to the training spacing, scored by
   Gaussian-weighted sliding windows (:func:`medanomaly.infer.sliding.sliding_window`) and the map
   resampled back (trilinear); a 2D image is a one-slice volume.
@@ -20,13 +24,13 @@ the image's spatial shape.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from medanomaly.anomaly.methods import residual_map
 from medanomaly.config.model_file import ModelFile, read_model_file
@@ -34,16 +38,45 @@ from medanomaly.config.options import RUNTIMES
 from medanomaly.config.sections import AnomalyConfig
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.runtime import choose_precision
-from medanomaly.data.slices import normalize, resize, to_slices
+from medanomaly.data.slices import fit, normalize, plane_spacing, to_slices, unfit
 from medanomaly.data.volumes import resample, resampled_shape
 from medanomaly.infer.backend import Backend, TorchBackend, load_weights
 from medanomaly.infer.onnx_runtime import OnnxBackend, load_session
 from medanomaly.infer.sliding import OVERLAP, sliding_window
 from medanomaly.io import Image
+from medanomaly.io.orient import PLANES, Reorientation, canonical
 from medanomaly.postprocess.ops import apply
 
+log = logging.getLogger(__name__)
 Net = Callable[[torch.Tensor], torch.Tensor]  # (N, C, *S) -> (N, out_channels, *S), float32 on the CPU
 WINDOW_BATCH = 2  # 3D: sliding windows per network call
+FAR_SPACING = 2.0  # an input whose spacing differs from the training median by more than this factor is warned about
+
+
+def geometry_warning(stored: Image, image: Image, turn: Reorientation, record: dict, dim: int) -> str | None:
+    """Why ``image`` (``stored`` brought to the canonical orientation by ``turn``) is far from the
+    training data of the model file's ``geometry`` ``record`` (None if it is not): an acquisition
+    plane other than the training data's (2D models always cut axial slices), slices cut through the
+    volume's coarse axis, or a spacing more than :data:`FAR_SPACING` times off the training median."""
+    if image.ndim_spatial != 3 or not image.geometry.spacing_known:
+        return None
+    notes = []
+    plane, trained = PLANES[turn.slice_axis], record.get("slice_plane") or ("axial" if dim == 2 else None)
+    if trained and plane != trained:
+        notes.append(f"it was acquired in {plane} slices but the model was trained on {trained} ones; it is "
+                     f"predicted after reorientation{' (axial slices)' if dim == 2 else ''}")
+    sp = np.asarray(image.geometry.spacing, float)
+    if dim == 2 and sp[1:].max() > FAR_SPACING * sp.min():
+        notes.append(f"its {' x '.join(f'{v:.3g}' for v in sp)} mm voxels are resliced through their coarse "
+                     "axis, so each axial slice is blurred along it")
+    median = record.get("median_spacing")
+    if median:
+        axes = slice(1, 3) if dim == 2 else slice(0, 3)
+        ratio = np.maximum(sp / np.asarray(median, float), np.asarray(median, float) / sp)[axes]
+        if ratio.max() > FAR_SPACING:
+            notes.append(f"its spacing {' x '.join(f'{v:.3g}' for v in sp)} mm (Z Y X, reoriented) is more than "
+                         f"{FAR_SPACING:g} times off the training median {' x '.join(f'{v:.3g}' for v in median)} mm")
+    return (f"{stored.path}: {'; '.join(notes)}. Check the result, or train on data like it") if notes else None
 
 
 @dataclass(frozen=True)
@@ -136,22 +169,31 @@ class Predictor:
     def scores(self, image: Image) -> np.ndarray:
         """Probability (supervised) or anomaly map, float32 of ``image.spatial_shape``, of one image
         (C, H, W) or volume (C, Z, Y, X)."""
-        if image.channels != self.channels:
-            raise MedanomalyError(f"{image.path} has {image.channels} channels but the model was trained on "
-                                  f"{self.channels}-channel images; convert the image or use a matching model")
-        a = normalize(image.array, self.normalization, image.geometry.kind, image.geometry.meta.get("dtype"))
+        spec = self.model_file.input  # refused by channel count, and by name where both name theirs
+        spec.check_input(image.channels, tuple(image.geometry.meta.get("channel_names", ())), str(image.path))
+        turn = Reorientation(stored_shape=image.spatial_shape)
+        if self.model_file.geometry.get("orientation"):  # trained on reoriented volumes (older models: as stored)
+            stored = image
+            image, turn = canonical(image)
+            warning = geometry_warning(stored, image, turn, self.model_file.geometry, self.dim)
+            if warning:
+                log.warning("%s", warning)
+        a = normalize(np.ascontiguousarray(image.array), self.normalization, image.geometry.kind,
+                      image.geometry.meta.get("dtype"), spec.channel_names)
         with torch.inference_mode():
-            return self._volume_scores(a, image) if self.dim == 3 else self._slice_scores(a)
+            score = self._volume_scores(a, image) if self.dim == 3 else self._slice_scores(a, plane_spacing(image))
+        return score if turn.identity else np.ascontiguousarray(turn.invert(score))
 
-    def _slice_scores(self, a: np.ndarray) -> np.ndarray:
-        """2D path: normalised (C, H, W) or (C, Z, Y, X) -> (H, W) or (Z, Y, X), slice by slice."""
+    def _slice_scores(self, a: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
+        """2D path: normalised (C, H, W) or (C, Z, Y, X) -> (H, W) or (Z, Y, X), slice by slice, each
+        fitted to the model size keeping its aspect ratio (pixel ``spacing`` Y, X) and mapped back."""
         slices = torch.from_numpy(np.ascontiguousarray(to_slices(a)))
         h, w = slices.shape[-2:]
         out = []
         for i in range(0, slices.shape[0], self.batch_size):
-            x = resize(slices[i:i + self.batch_size], (self.size, self.size))
+            x = fit(slices[i:i + self.batch_size], self.size, spacing)
             score = score_batch(x, self.backend, self.anomaly, self.tta)
-            out.append(F.interpolate(score, size=(h, w), mode="bilinear", align_corners=False)[:, 0])
+            out.append(unfit(score, (h, w), spacing)[:, 0])
         score = torch.cat(out).numpy().astype(np.float32)
         return score[0] if a.ndim == 3 else score
 

@@ -6,16 +6,16 @@ and skipped. Outputs are those of :func:`medanomaly.infer.write.write_prediction
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from tqdm import tqdm
-
-from medanomaly.core import distributed as distributed
+from medanomaly.config.options import NAMINGS
+from medanomaly.core import distributed, jsonio
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.progress import track
 from medanomaly.core.version import __version__
+from medanomaly.data.discover import group_inputs, read_sample
 from medanomaly.data.volumes import SLICE_SUFFIXES, VolumeCase, read_volume
 from medanomaly.infer.predictor import Predictor
 from medanomaly.infer.volume import slice_predictions
@@ -26,42 +26,46 @@ from medanomaly.infer.write import (
     output_stems,
     write_prediction,
 )
-from medanomaly.io import IMAGE_SUFFIXES, read_image
+from medanomaly.io import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
 
 
 def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Path, device: str = "cpu",
                   overwrite: bool = False, progress: bool = True, runtime: str = "torch",
-                  dicom_seg: bool = True) -> dict:
-    """Predict every image below ``inputs`` into ``out``; keep going past bad files.
+                  dicom_seg: bool = True, naming: str = "medanomaly") -> dict:
+    """Predict every image below ``inputs`` (files, folders, DICOM series folders, CSV listings)
+    into ``out``; keep going past bad files. ``naming``: one of
+    :data:`medanomaly.config.options.NAMINGS` (:func:`medanomaly.infer.write.write_prediction`).
 
     In a process group (``torchrun``), process r of W predicts inputs r, r + W, ... of the sorted
     list and rank 0 writes regions.json for all of them: the same files as one process writes.
     Returns {"n_ok": int, "failed": [{"input": str, "error": str}], "out": str}.
     """
     out = Path(out)
-    for given in map(Path, inputs):  # a missing input is reported as such, before anything else
-        if not given.exists():
-            raise MedanomalyError(f"input {given} does not exist")
+    _check_inputs(inputs, naming)
     check_output_dir(out, inputs)
     items = list(iter_inputs(inputs))
     if not items:
         raise MedanomalyError(f"no images found in {', '.join(map(str, inputs))} (masks and earlier outputs are "
                               f"skipped); supported files: {', '.join(IMAGE_SUFFIXES)} or DICOM series folders")
-    stems = output_stems(out, items)  # one name per input: two inputs never share an output
-    check_outputs(out, list(stems.values()), overwrite, extra=("regions.json",))
+    stems = output_stems(out, items, naming)  # one name per input: two inputs never share an output
+    check_outputs(out, list(stems.values()), overwrite, extra=("regions.json",), naming=naming)
     predictor = Predictor(model_dir, device, runtime=runtime)
     records, failed = [], []
     if predictor.dim == 3:  # 3D model: a folder of 2D slices is one stacked volume (rank 0 predicts all)
         recs, fails = predict_items_3d(predictor, items if distributed.is_main() else [], out, stems, dicom_seg,
-                                       progress)
+                                       progress, naming)
         records, failed, items = list(enumerate(recs)), list(enumerate(fails)), []
+    items, images = group_inputs(items, predictor.channels)  # nnU-Net case_0000, case_0001...: one image
+    for sample in images.values():  # wrong channel files or names: refused before any work (one per file)
+        if sample.channel_names or len(sample.files) > 1:
+            predictor.model_file.input.check_input(len(sample.files), sample.channel_names, str(sample.image))
     rank, world = distributed.rank(), distributed.world_size()  # under torchrun: every world-th file here
-    for k, (_, path) in enumerate(tqdm(items[rank::world], desc="predict", unit="img", disable=not progress)):
+    for k, (_, path) in enumerate(track(items[rank::world], desc="predict", unit="img", enabled=progress)):
         stem, index = stems[path], k * world + rank
         try:
-            rec = write_prediction(predictor.predict(read_image(path)), stem, dicom_seg)
+            rec = write_prediction(predictor.predict(read_sample(images[path])), stem, dicom_seg, naming)
         except MedanomalyError as exc:
             log.info("skipped %s (reported at the end)", path.name)
             failed.append((index, {"input": str(path), "error": str(exc)}))
@@ -71,14 +75,23 @@ def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Pa
     records = [r for _, r in sorted((x for recs, _ in shards for x in recs), key=lambda t: t[0])]
     failed = [f for _, f in sorted((x for _, fails in shards for x in fails), key=lambda t: t[0])]
     meta = {"medanomaly_version": __version__, "model": str(model_dir), "runtime": runtime,
-            "threshold": predictor.post.threshold}
+            "threshold": predictor.post.threshold, "naming": naming}
     if distributed.is_main():
-        atomic_write_text(out / "regions.json", json.dumps({**meta, "images": records, "failed": failed}, indent=1))
+        atomic_write_text(out / "regions.json", jsonio.dumps({**meta, "images": records, "failed": failed}, indent=1))
     return {"n_ok": len(records), "failed": failed, "out": str(out)}
 
 
+def _check_inputs(inputs: list[str | Path], naming: str) -> None:
+    """A missing input is reported as such, before anything else; ``naming`` is one of NAMINGS."""
+    if naming not in NAMINGS:
+        raise MedanomalyError(f"naming {naming!r} is none of {', '.join(NAMINGS)}")
+    for given in map(Path, inputs):
+        if not given.exists():
+            raise MedanomalyError(f"input {given} does not exist")
+
+
 def predict_items_3d(predictor: Predictor, items: list[tuple[Path, Path]], out: Path, stems: dict[Path, Path],
-                     dicom_seg: bool, progress: bool) -> tuple[list[dict], list[dict]]:
+                     dicom_seg: bool, progress: bool, naming: str = "medanomaly") -> tuple[list[dict], list[dict]]:
     """predict's loop for a 3D model: the 2D slice files of one folder are stacked and predicted
     as one volume, then written slice by slice (to ``stems[path]``); other inputs one by one.
     (records, failed)."""
@@ -87,7 +100,7 @@ def predict_items_3d(predictor: Predictor, items: list[tuple[Path, Path]], out: 
         stack = path.is_file() and path.suffix.lower() in SLICE_SUFFIXES
         groups.setdefault((root, path.parent) if stack else (root, path), []).append((root, path))
     records, failed = [], []
-    for group in tqdm(list(groups.values()), desc="predict", unit="vol", disable=not progress):
+    for group in track(list(groups.values()), desc="predict", unit="vol", enabled=progress):
         try:
             vc = VolumeCase("", tuple(p for _, p in group), (None,) * len(group))
             image, slices = read_volume(vc)
@@ -96,7 +109,7 @@ def predict_items_3d(predictor: Predictor, items: list[tuple[Path, Path]], out: 
             written = []
             for p, path in zip(parts, vc.images):
                 stem = stems[path]
-                written.append({"case": str(stem.relative_to(out)), **write_prediction(p, stem, dicom_seg)})
+                written.append({"case": str(stem.relative_to(out)), **write_prediction(p, stem, dicom_seg, naming)})
         except MedanomalyError as exc:
             log.info("skipped %s (reported at the end)", group[0][1].parent if len(group) > 1 else group[0][1].name)
             failed += [{"input": str(p), "error": str(exc)} for _, p in group]

@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
+
+from medanomaly.core.progress import track
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 OVERLAP = 0.5  # share of a window shared with its neighbour at inference (nnU-Net and MONAI's usual 0.5)
@@ -77,7 +78,7 @@ def sliding_window(volume: torch.Tensor, patch: Sequence[int], forward: Forward,
     weight = gaussian_importance(patch, sigma_scale, x.device)
     out: torch.Tensor | None = None
     norm = torch.zeros(padded, dtype=torch.float32, device=x.device)
-    for i in tqdm(range(0, len(starts), batch), desc="windows", unit="batch", disable=not progress, leave=False):
+    for i in track(range(0, len(starts), batch), desc="windows", unit="batch", enabled=progress, leave=False):
         chunk = starts[i:i + batch]
         boxes = [tuple(slice(a, a + p) for a, p in zip(st, patch)) for st in chunk]
         pred = forward(torch.stack([x[(slice(None),) + b] for b in boxes])).float()

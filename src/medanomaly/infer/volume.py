@@ -9,8 +9,8 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import numpy as np
-from tqdm import tqdm
 
+from medanomaly.core.progress import track
 from medanomaly.data.discover import Sample
 from medanomaly.data.volumes import VolumeCase, group_volumes, read_volume, read_volume_mask
 from medanomaly.infer.predictor import Prediction
@@ -21,7 +21,7 @@ def iter_volumes(samples: Sequence[Sample], progress: bool = False,
                  desc: str = "volumes") -> Iterator[tuple[VolumeCase, Image, list[Image] | None, np.ndarray]]:
     """(volume case, volume image, its 2D slices or None, bool mask (Z, Y, X)) for the samples
     grouped into volumes (:func:`medanomaly.data.volumes.group_volumes`); masks are all False where absent."""
-    for vc in tqdm(group_volumes(samples), desc=desc, unit="vol", disable=not progress):
+    for vc in track(group_volumes(samples), desc=desc, unit="vol", enabled=progress):
         image, slices = read_volume(vc)
         yield vc, image, slices, read_volume_mask(vc, image, slices)
 

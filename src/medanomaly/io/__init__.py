@@ -24,14 +24,14 @@ and output, error conversion), :mod:`~medanomaly.io.dicom` (files, geometry),
 :mod:`~medanomaly.io.dicom_values` (pixel values), :mod:`~medanomaly.io.dicom_series` (series
 folders), :mod:`~medanomaly.io.volume` (NIfTI, NRRD, MetaImage) and :mod:`~medanomaly.io.raster`
 (Pillow, TIFF) readers,
-:mod:`~medanomaly.io.read` (:func:`read_image`, :func:`read_mask`) and :mod:`~medanomaly.io.write`.
+:mod:`~medanomaly.io.read` (:func:`read_image`, :func:`read_channels`, :func:`read_mask`) and :mod:`~medanomaly.io.write`.
 """
 
 from __future__ import annotations
 
 from medanomaly.io.dicom import is_dicom_series_dir, series_files
 from medanomaly.io.image import IMAGE_SUFFIXES, Geometry, Image, affine_from_geometry, full_suffix, stem_of
-from medanomaly.io.read import read_image, read_mask
+from medanomaly.io.read import read_channels, read_image, read_mask
 from medanomaly.io.safety import MAX_PIXELS, library_notes
 from medanomaly.io.write import mask_suffix, score_suffix, write_mask, write_score
 
@@ -40,5 +40,5 @@ _series_files = series_files
 _library_notes = library_notes
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "Geometry", "Image", "affine_from_geometry", "full_suffix",
-           "is_dicom_series_dir", "library_notes", "mask_suffix", "read_image", "read_mask", "score_suffix",
+           "is_dicom_series_dir", "library_notes", "mask_suffix", "read_channels", "read_image", "read_mask", "score_suffix",
            "series_files", "stem_of", "write_mask", "write_score"]

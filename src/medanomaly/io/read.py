@@ -1,12 +1,14 @@
 """The readers' entry points: :func:`read_image` picks the reader for a path and checks what it
-returns; :func:`read_mask` reads a mask and checks its values."""
+returns; :func:`read_channels` reads the channel files of one image (one file per channel) as one
+image; :func:`read_mask` reads a mask and checks its values."""
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from pydicom.errors import InvalidDicomError
@@ -117,6 +119,43 @@ def read_image(path: str | Path) -> Image:
         raise MedanomalyError(f"{p} contains {bad} NaN/inf voxels; fix the file or replace them, "
                               "e.g. with numpy.nan_to_num")
     return Image(arr, geometry, p)
+
+
+def read_channels(paths: Sequence[str | Path], names: Sequence[str] = ()) -> Image:
+    """Read the channel files of one image (e.g. ``case_0000.nii.gz``, ``case_0001.nii.gz``) as one
+    float32 Image, their channels concatenated in the given order: (sum of C, *S). One file is
+    :func:`read_image` itself. The files must agree in spatial shape and geometry (spacing, origin,
+    direction to 1e-3 mm or 1e-3): else a MedanomalyError naming both. ``names`` (one per file's
+    channel, or ()) are kept in ``geometry.meta["channel_names"]``; the path is the first file's."""
+    images = [read_image(p) for p in paths]
+    first = images[0]
+    for im in images[1:]:
+        _check_same_grid(first, im)
+    meta = dict(first.geometry.meta)
+    if names:
+        meta["channel_names"] = tuple(names)
+    if len({im.geometry.meta.get("dtype") for im in images}) > 1:
+        meta["dtype"] = None  # mixed stored types: no 8-bit shortcut in normalisation
+    if len(images) == 1:
+        return first if not names else replace(first, geometry=replace(first.geometry, meta=meta))
+    array = np.concatenate([im.array for im in images], axis=0)
+    return Image(array, replace(first.geometry, meta=meta), first.path)
+
+
+def _check_same_grid(a: Image, b: Image) -> None:
+    """The channel files ``a`` and ``b`` of one image must share spatial shape and geometry."""
+    ga, gb = a.geometry, b.geometry
+    if a.spatial_shape != b.spatial_shape:
+        what = f"{'x'.join(map(str, b.spatial_shape))} but {a.path} is {'x'.join(map(str, a.spatial_shape))}"
+    elif not (np.allclose(ga.spacing, gb.spacing, atol=1e-3) and np.allclose(ga.origin, gb.origin, atol=1e-3)
+              and np.allclose(ga.direction, gb.direction, atol=1e-3)):
+        what = (f"placed differently from {a.path} (spacing {tuple(gb.spacing)} vs {tuple(ga.spacing)} mm, origin "
+                f"{tuple(gb.origin)} vs {tuple(ga.origin)} mm, or direction)")
+    else:
+        return
+    raise MedanomalyError(f"{b.path} is {what}; the channel files of one image must be co-registered on one voxel "
+                          "grid: resample them onto the first channel's grid (e.g. with SimpleITK or nnU-Net's "
+                          "preprocessing) or move the odd file out of the data folder")
 
 
 def _check_mask_values(values: np.ndarray, path: Path) -> None:

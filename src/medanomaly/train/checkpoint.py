@@ -23,12 +23,15 @@ from medanomaly.core import distributed
 from medanomaly.core.atomic import atomic_torch_save, atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.outputs import check_out_path, check_separate
+from medanomaly.data.listing import data_root
 
 log = logging.getLogger(__name__)
 # images_per_s: slices per second in 2D, patches per second in 3D
 #: what a training run writes into its model directory (model.json last, once calibrated; pretrain*: --unlabelled)
 RUN_FILES = ("model.pt", "checkpoint.pt", "config.json", "splits.json", "metrics.csv", "plan.json", "pretrain",
-             "pretrain-splits.json")
+             "pretrain-splits.json", "train.log", "progress.png", "tensorboard")
+#: RunState fields added after the first release: optional in a checkpoint
+NEW_FIELDS = ("images_seen", "val_seconds")
 METRIC_FIELDS = ["epoch", "train_loss", "val_loss", "val_dice", "lr", "seconds", "images_per_s"]
 
 
@@ -40,8 +43,10 @@ class RunState:
     step: int = 0
     best: float = -math.inf  # best validation score (Dice, or minus the anomaly val loss)
     best_epoch: int = -1
-    elapsed: float = 0.0  # training seconds so far, across resumes
+    elapsed: float = 0.0  # training seconds so far (steps and validation), across resumes
     bad_epochs: int = 0
+    images_seen: int = 0  # slices (3D: patches) drawn by the training steps so far, across resumes
+    val_seconds: float = 0.0  # the last validation's seconds: what the loop keeps free of the budget for it
 
 
 def save_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
@@ -61,6 +66,14 @@ def load_state(path: Path) -> dict:
         raise MedanomalyError(f"cannot resume from {path}: {exc}; delete it to start afresh") from exc
 
 
+def state_of(saved: dict) -> RunState:
+    """The :class:`RunState` of a loaded checkpoint; a field it lacks (a checkpoint of an earlier
+    release: no ``images_seen``, ``val_seconds``) takes its default. KeyError where an original field
+    is missing (not a checkpoint of medanomaly train)."""
+    defaults = asdict(RunState())
+    return RunState(**{k: saved[k] if k in saved or k not in NEW_FIELDS else v for k, v in defaults.items()})
+
+
 def resume_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
                  metrics_csv: Path) -> RunState:
     """Load the checkpoint into ``model``, ``opt`` and ``gen``; drop the metrics.csv rows it does not cover."""
@@ -68,7 +81,7 @@ def resume_state(path: Path, model: torch.nn.Module, opt: torch.optim.Optimizer,
     model.load_state_dict(st["model"])
     opt.load_state_dict(st["optimizer"])
     gen.set_state(st["rng"])
-    state = RunState(**{k: st[k] for k in asdict(RunState())})
+    state = state_of(st)
     if metrics_csv.exists() and distributed.is_main():  # drop rows of an epoch that finished after the checkpoint
         lines = metrics_csv.read_text().splitlines(keepends=True)
         kept = [ln for ln in lines[1:] if _complete_row(ln) and int(ln.split(",")[0]) <= state.epoch]
@@ -123,7 +136,7 @@ def check_run_dir(out: Path, data: Path, cfg: TrainConfig | None = None) -> None
     run writes (:data:`RUN_FILES`) without being an earlier run's folder (an interrupted run,
     which a fresh run restarts and --resume continues)."""
     sources = (cfg.extra, cfg.unlabelled) if cfg is not None else ()
-    check_separate(out, [data, *(Path(p) for p in sources if p and Path(p).is_dir())])
+    check_separate(out, [data_root(data), *(Path(p) for p in sources if p and Path(p).is_dir())])  # CSV: its images
     found = [name for name in RUN_FILES if (out / name).exists()] if not _earlier_run(out) else []
     if found:
         raise MedanomalyError(f"{out} holds {', '.join(found)}, which training writes, and is not the folder of an "

@@ -18,7 +18,7 @@ from PIL import Image as PILImage
 
 from medanomaly.config.schema import TrainConfig
 from medanomaly.core.errors import MedanomalyError
-from medanomaly.data.discover import Sample, discover
+from medanomaly.data.discover import Sample, discover, read_sample
 from medanomaly.data.slices import SliceSet, load_slices
 from medanomaly.data.synthetic import LesionStats
 from medanomaly.io import read_image
@@ -67,7 +67,7 @@ def check_extra(cfg: TrainConfig, data: Path, parts: dict[str, list], channels: 
     _check_no_leak(source, pairs, data, parts)
     for s in pairs:
         _check_extra_size(s.image, cfg.size)
-    if channels is not None and (found := read_image(pairs[0].image).channels) != channels:
+    if channels is not None and (found := read_sample(pairs[0]).channels) != channels:
         raise MedanomalyError(f"extra pair {pairs[0].image} has {found} channels but the training images have "
                               f"{channels}; give pairs of the same modality and channels (regenerate them with "
                               "'medanomaly synthesize' on this data)")

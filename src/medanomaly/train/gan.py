@@ -32,12 +32,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image as PILImage
 from torch import nn
-from tqdm import tqdm
 
 from medanomaly.config.sections import GanConfig  # with every other default, in config
+from medanomaly.core import jsonio
 from medanomaly.core.atomic import atomic_path, atomic_torch_save, atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.outputs import check_out_path, check_separate
+from medanomaly.core.progress import track
 from medanomaly.core.runtime import autocast, choose_precision, set_seed
 from medanomaly.core.version import __version__
 from medanomaly.data.discover import discover, resolve_splits
@@ -182,7 +183,7 @@ def fit(slices, cfg: GanConfig, device: str | torch.device = "cpu", progress: bo
              len(images), cfg.size, cfg.size, cfg.batch_size, precision, cfg.minutes, cfg.max_steps)
     g_net.train(), d_net.train()
     hist, t0, step = [], time.perf_counter(), 0
-    bar = tqdm(total=cfg.max_steps, desc="GAN", unit="step", disable=not progress, leave=False)
+    bar = track(total=cfg.max_steps, desc="GAN", unit="step", enabled=progress, leave=False)
     while step < cfg.max_steps and time.perf_counter() - t0 < budget:
         frac = max(step / cfg.max_steps, (time.perf_counter() - t0) / budget)
         for group in opts[0].param_groups + opts[1].param_groups:  # constant, then linear decay to 0
@@ -255,7 +256,7 @@ def _write_pairs(g_net: UNet, slices, mask_of: dict, pairs: list, gen: torch.Gen
     """Paint and write one synthetic pair per (target slice, mask slices, foreground) of ``pairs``
     (:func:`~medanomaly.train.gan_masks.pick_targets`); returns their manifest entries."""
     files, slice_index = [], ranks(slices.sources)
-    for k, (i, sources, fg) in enumerate(tqdm(pairs, desc="synthesizing", unit="img", disable=not progress), 1):
+    for k, (i, sources, fg) in enumerate(track(pairs, desc="synthesizing", unit="img", enabled=progress), 1):
         mask, j, transform = choose_mask(slices, sources, fg, gen)
         if j is not None:
             entry = {"mask_origin": "real", "source_mask": str(Path(mask_of[slices.sources[j]]).resolve()),
@@ -302,6 +303,6 @@ def synthesize(data: str | Path, out: str | Path, n: int, cfg: GanConfig = GanCo
                 "splits_file": str(splits_file) if splits_file else None, "n": n, "config": cfg.to_dict(),
                 "training": {**asdict(stats), "device": str(dev), "precision": precision},
                 "generator": {"path": "generator.pt", "unet": g_net.config.to_dict()}, "files": files}
-    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
+    atomic_write_text(out / "manifest.json", jsonio.dumps(manifest, indent=1))
     log.info("wrote %d synthetic pairs to %s", n, out)
     return out

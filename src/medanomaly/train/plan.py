@@ -1,84 +1,60 @@
 """Self-configuring defaults: a training plan from the data (:func:`fingerprint`: a sample of the
-images) and the machine (:func:`machine`): :func:`make_plan` picks input size, batch size, depth,
-width, epochs and normalisation for a run within a time budget, each with its reason. The rules
-follow nnU-Net's experiment planner where they apply (median shape and spacing, anisotropy
-threshold 3, memory-bounded batch, at most 5 % of the data per batch), adapted to a time budget."""
+images) and the machine (:func:`machine`, and its training speed measured on the data by
+:mod:`medanomaly.train.probe`): :func:`make_plan` picks input size, batch size, depth, width, epochs
+and normalisation for a run within a time budget, each with its reason. The rules follow nnU-Net's
+experiment planner where they apply (median shape and spacing, anisotropy threshold 3,
+memory-bounded batch, at most 5 % of the data per batch), adapted to a time budget: the input size
+is the largest whose measured speed sees at least :data:`MIN_SAMPLES` training images in it."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from medanomaly.config.options import TASKS
 from medanomaly.config.schema import TrainConfig
+from medanomaly.core import jsonio
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.outputs import check_new_file
-from medanomaly.core.runtime import cpu_has_bf16
-from medanomaly.data.discover import discover, resolve_splits
-from medanomaly.data.foreground import foreground_mask
 from medanomaly.data.volumes import plan_overrides_3d
-from medanomaly.io import read_image, read_mask
-from medanomaly.models.build import count_parameters
-from medanomaly.models.unet import UNet, UNetConfig
+from medanomaly.train.loop import MIN_IMAGES
+from medanomaly.train.probe import (
+    DataFingerprint,
+    MachineInfo,
+    MemoryFit,
+    SpeedMeter,
+    depth_for,
+    fingerprint,
+    largest_meeting,
+    machine,
+    memory_fit,
+)
 
 log = logging.getLogger(__name__)
 
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: measured speeds (images_expected, min_images, speeds, probe_seconds)
 ANISO = 3.0  # anisotropy threshold (nnU-Net): an axis with >= 3x the spacing of the others, and < 1/3 of their voxels
 THIN_STACK = 16  # fewer slices than this along the coarsest axis: too thin for a 3D U-Net
-REF_CPU_IMG_S = 30.0  # measured training img/s: 2 cores, bf16, 128x128, width 32, depth 4 (README, Speed)
-FP32_FACTOR = 8.4 / 30.3  # the same table: fp32 trains 3.6x slower
-REF_GPU_IMG_S = 2000.0  # assumed for one recent GPU at 128x128, width 32 (not measured here)
-MIN_SAMPLES = 40_000  # images seen by the measured LGG default run (18 epochs x ~2 250 slices in 25 min)
-BYTES_PER_FEATURE = 8.0  # peak training memory per conv-output value: measured 3.3 (bf16), 6.2 (fp32)
-# the measured CPU defaults are the config's; a GPU with >= 16 GiB affords a wider network and larger batches
+MIN_SAMPLES = MIN_IMAGES  # training images a run should see (the measured LGG default runs, README "Planning")
+#: a size is chosen when its measured speed sees MIN_SAMPLES x MARGIN: speeds timed over two steps vary by
+#: about 10 % between plans (measured on lgg-flair: 48-65 img/s at 64 px, 15.1-16.6 at 128 px)
+MARGIN = 1.1
+# the measured CPU defaults are the config's; a GPU with >= 16 GiB may afford a wider network (when measured
+# fast enough) and larger batches
 CPU_WIDTH, GPU_WIDTH, CPU_BATCH, GPU_BATCH = TrainConfig().model.width, 64, TrainConfig.batch_size, 64
 MIN_BN_BATCH, MIN_SIZE = 8, 64
-
-
-@dataclass(frozen=True)
-class DataFingerprint:
-    """What the planner knows about a data folder. Shapes (pixels) and spacing (mm) in array axis order: (H, W)
-    for 2D images, (Z, Y, X) for volumes (sliced along Z); intensities in stored units (HU for CT)."""
-
-    data: str
-    n_cases: int
-    n_images: int
-    n_labelled: int  # images with a mask
-    n_slices: int  # 2D slices: 1 per 2D image, Z per volume
-    n_train_slices: int  # slices of the train split's cases (splits as train resolves them, seed 0)
-    n_train_labelled: int  # labelled slices among them
-    n_val_slices: int
-    n_sampled: int  # images read for the statistics below
-    is_3d: bool
-    median_shape: tuple[int, ...]
-    median_spacing: tuple[float, ...] | None  # None: unknown (PNG, JPEG, TIFF)
-    channels: int
-    kinds: tuple[str, ...]  # reader kinds: raster, nifti, nrrd, dicom, itk
-    eight_bit: bool  # every sampled image is stored as 8-bit
-    intensity: dict[str, float]  # p0.5, p50, p99.5, mean, std of the sampled pixels
-    foreground_ratio: float  # share of pixels inside the body (Otsu foreground)
-    class_ratio: float | None  # lesion pixels / pixels of the sampled labelled images
-    lesion_slice_fraction: float | None  # share of sampled labelled slices with any lesion
-    has_masks: bool
-
-
-@dataclass(frozen=True)
-class MachineInfo:
-    cores: int  # usable CPU cores (affinity)
-    memory_gib: float  # available RAM
-    bf16: bool  # native bf16 on the training device
-    gpu: str | None = None
-    gpu_memory_gib: float | None = None
+#: measured training images/s of (size, width, batch) on the run's device (:class:`medanomaly.train.probe.SpeedMeter`)
+SpeedFn = Callable[[int, int, int], float]
+#: settings that change the training speed: set by --config or flags, the plan's measured speed is not the run's
+SPEED_KEYS = ("size", "batch_size", "precision", "channels_last", "compile", "synthetic_lesions", "unlabelled")
 
 
 @dataclass(frozen=True)
@@ -96,8 +72,12 @@ class Plan:
     normalization: str
     positive_fraction: float | None  # None: not set (anomaly task)
     epochs: int
-    images_per_s: float  # estimated training throughput at this size and width
+    images_per_s: float  # measured training throughput at this size, width and batch
     epochs_estimate: float  # epochs that fit in max_minutes at that throughput
+    images_expected: int  # training images that throughput sees in max_minutes (validation time left out)
+    min_images: int  # the rule: at least this many (MIN_SAMPLES)
+    speeds: tuple[dict, ...]  # every configuration measured: size, width, batch, images_per_s, images_expected
+    probe_seconds: float  # time spent measuring
     why: dict[str, str]
     notes: tuple[str, ...]
     fingerprint: DataFingerprint
@@ -108,7 +88,7 @@ class Plan:
         """Keys as :func:`medanomaly.config.schema.load` takes them."""
         out = {"task": self.task, "max_minutes": self.max_minutes, "size": self.size, "batch_size": self.batch_size,
                "epochs": self.epochs, "normalization": self.normalization, "model.width": self.width,
-               "model.depth": self.depth, "model.norm": self.norm}
+               "model.depth": self.depth, "model.norm": self.norm, "plan_images_per_s": self.images_per_s}
         return out if self.positive_fraction is None else out | {"positive_fraction": self.positive_fraction}
 
     def table(self) -> str:
@@ -127,7 +107,8 @@ class Plan:
                 ("foreground / lesion px", f"{fp.foreground_ratio:.3f} / {lesion}", "no masks" if
                  fp.lesion_slice_fraction is None else f"lesion in {fp.lesion_slice_fraction:.0%} of labelled slices"),
                 ("machine", f"{m.gpu} ({m.gpu_memory_gib:.0f} GiB)" if m.gpu else f"cpu, {m.cores} cores",
-                 f"{m.memory_gib:.1f} GiB RAM free, bf16 {'yes' if m.bf16 else 'no'}")]
+                 f"{m.memory_gib:.1f} GiB RAM free, bf16 {'yes' if m.bf16 else 'no'}"),
+                *self.speed_rows()]
         dim = {"dim": "2D" if self.recommended_dim == 2 else "3D recommended (2D used)"}
         rows += [(k, str(v), self.why.get(k, "")) for k, v in (dim | self.to_config_overrides()).items()]
         w0, w1 = (max(len(r[i]) for r in rows) for i in (0, 1))
@@ -135,86 +116,14 @@ class Plan:
         lines += [f"{a:<{w0}}  {b:<{w1}}  {c}".rstrip() for a, b, c in rows]
         return "\n".join(lines + [f"note: {n}" for n in self.notes])
 
-
-def fingerprint(data: str | Path, splits_file: str | Path | None = None, max_images: int = 100,
-                labelled_only: bool = False) -> DataFingerprint:
-    """Fingerprint of the images below ``data``: at most ``max_images`` (spread evenly over the
-    sorted list, so over the cases) are read, with their masks; slice counts of the others are the
-    median of those read. ``labelled_only``: the images with masks alone (what supervised training
-    uses). Read errors are MedanomalyError."""
-    samples = [s for s in discover(data) if s.mask is not None or not labelled_only]
-    if not samples:
-        raise MedanomalyError(f"no image/mask pairs in {data} to plan supervised training for; plan --task anomaly")
-    splits = {k: set(v) for k, v in resolve_splits(Path(data), samples, splits_file, seed=0).items()}
-    pick = sorted({int(i) for i in np.linspace(0, len(samples) - 1, min(len(samples), max(1, max_images))).round()})
-    shapes, spacings, channels, eight, values, fg, lesion_slices = [], [], [], [], [], [], []
-    kinds, z_of, lesion_px, px, rng = set(), {}, 0, 0, np.random.default_rng(0)
-    for i in pick:
-        s, img = samples[i], read_image(samples[i].image)
-        a, g = img.array, img.geometry
-        shapes.append(img.spatial_shape)
-        spacings += [g.spacing] if g.spacing_known else []
-        channels.append(img.channels)
-        kinds.add(g.kind)
-        eight.append(g.meta.get("dtype") == "uint8" and g.kind == "raster")
-        values.append(a.ravel()[rng.integers(0, a.size, min(a.size, 20_000))])
-        z_of[i] = img.spatial_shape[0] if a.ndim == 4 else 1
-        step = max(1, int((a[0].size / (2**16 if a.ndim == 3 else 2**21)) ** (1 / (a.ndim - 1))))  # Otsu on <= 256^2
-        fg.append(float(foreground_mask(a[(np.s_[:],) + (np.s_[::step],) * (a.ndim - 1)], channel_axis=0).mean()))
-        if s.mask is not None:
-            m = read_mask(s.mask, like=img)
-            lesion_px, px = lesion_px + int(m.sum()), px + m.size
-            lesion_slices += list(m.reshape(m.shape[0], -1).any(1)) if m.ndim == 3 else [bool(m.any())]
-    is_3d = sum(len(sh) == 3 for sh in shapes) > len(shapes) / 2
-    same = [sh for sh in shapes if len(sh) == (3 if is_3d else 2)]
-    median_z = int(np.median(list(z_of.values())))
-    n = [z_of.get(i, median_z) for i in range(len(samples))]  # slices per image; unread ones: the median
-    v = np.concatenate(values)
-    p = np.percentile(v, [0.5, 50, 99.5])
-    sp3 = [sp for sp in spacings if len(sp) == len(same[0])]
-    return DataFingerprint(
-        data=str(data), n_cases=len({s.case for s in samples}), n_images=len(samples),
-        n_labelled=sum(s.mask is not None for s in samples), n_slices=sum(n),
-        n_train_slices=sum(k for k, s in zip(n, samples) if s.case in splits["train"]),
-        n_train_labelled=sum(k for k, s in zip(n, samples) if s.case in splits["train"] and s.mask is not None),
-        n_val_slices=sum(k for k, s in zip(n, samples) if s.case in splits["val"]), n_sampled=len(pick), is_3d=is_3d,
-        median_shape=tuple(int(x) for x in np.median(same, axis=0)),
-        median_spacing=tuple(round(float(x), 4) for x in np.median(sp3, axis=0)) if sp3 else None,
-        channels=int(np.median(channels)), kinds=tuple(sorted(kinds)), eight_bit=all(eight),
-        intensity=dict(zip(("p0.5", "p50", "p99.5", "mean", "std"), map(float, [*p, v.mean(), v.std()]))),
-        foreground_ratio=float(np.mean(fg)), class_ratio=lesion_px / px if px else None,
-        lesion_slice_fraction=float(np.mean(lesion_slices)) if lesion_slices else None,
-        has_masks=any(s.mask is not None for s in samples))
-
-
-def machine(device: str = "auto") -> MachineInfo:
-    """Cores, free memory, and the GPU that ``device`` (auto, cpu, cuda, cuda:N) trains on."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    memory = 4.0  # GiB available: /proc/meminfo MemAvailable, capped by a cgroup v2 limit
-    try:
-        memory = next(int(ln.split()[1]) / 2**20 for ln in Path("/proc/meminfo").read_text().splitlines()
-                      if ln.startswith("MemAvailable:"))
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        memory = min(memory, int(limit) / 2**30) if limit.isdigit() else memory
-    except (OSError, StopIteration):
-        pass
-    if device != "cpu" and torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(torch.device("cuda" if device == "auto" else device))
-        return MachineInfo(cores, memory, torch.cuda.is_bf16_supported(), props.name, props.total_memory / 2**30)
-    return MachineInfo(cores, memory, cpu_has_bf16())
-
-
-def images_per_second(mach: MachineInfo, size: int, width: int) -> float:
-    """Estimated training images/s: the measured reference scaled by cores, precision, pixels and width^2."""
-    base = REF_GPU_IMG_S if mach.gpu else REF_CPU_IMG_S * mach.cores / 2
-    return base * (1.0 if mach.bf16 else FP32_FACTOR) * (128 / size) ** 2 * (32 / width) ** 2
-
-
-def feature_values(size: int, width: int, depth: int, max_width: int = 320) -> float:
-    """Conv-output values of one size x size image in the U-Net (kept for backward): channels x pixels times
-    2 per level (encoder block), plus 1/4 + 5 above the bottom (down, up, concatenation, decoder block)."""
-    return sum(min(width * 2**lv, max_width) * (size / 2**lv) ** 2 * (2 + (5.25 if lv < depth else 0))
-               for lv in range(depth + 1))
+    def speed_rows(self) -> list[tuple[str, str, str]]:
+        """The table's rows of measured speeds: one per configuration timed, then the expectation."""
+        rows = [(f"measured {s['size']} px, w{s['width']}, b{s['batch']}", f"{s['images_per_s']:.1f} img/s",
+                 f"~{s['images_expected']:,} images in {self.max_minutes:g} min"
+                 + (" (chosen)" if (s["size"], s["width"], s["batch"]) == (self.size, self.width, self.batch_size)
+                    else "")) for s in self.speeds]
+        timed = f"minimum {self.min_images:,}; {len(self.speeds)} configurations timed in {self.probe_seconds:.1f} s"
+        return [*rows, ("images expected", f"{self.images_expected:,}", timed)]
 
 
 def _choose_dim(fp: DataFingerprint) -> tuple[int, str]:
@@ -246,43 +155,33 @@ def _dim_notes(fp: DataFingerprint, dim: int) -> list[str]:
     return []
 
 
-@dataclass(frozen=True)
-class _Fit:
-    """The input size and depth chosen by :func:`_fit_size`, what fits in memory at it, and why."""
-
-    size: int
-    depth: int
-    fits: int  # images per batch that fit the free memory
-    per_image: float  # training bytes per image
-    data_bytes: float  # the training and validation slices held in RAM at this size
-    why_size: str
-    why_depth: str
-
-
-def _fit_size(fp: DataFingerprint, mach: MachineInfo, width: int, n_train: int, budget_s: float) -> _Fit:
-    """The median in-plane size rounded to 16 px, capped so that MIN_SAMPLES images train in the budget,
-    then shrunk by 16 px until two images (with the data and the weights) fit the memory."""
+def _sizes(fp: DataFingerprint, mach: MachineInfo, width: int, n_train: int) -> tuple[list[int], str]:
+    """The candidate sizes, ascending: MIN_SIZE to the median in-plane size rounded to 16 px, shrunk by
+    16 px until two images (with the data and the weights) fit the memory (as nnU-Net shrinks its patch)."""
     side = math.sqrt(fp.median_shape[-1] * fp.median_shape[-2])
-    cap = 16 * int(math.sqrt(images_per_second(mach, 128, width) * 128**2 * budget_s / MIN_SAMPLES) // 16)
-    plan_size = min(max(16, int(side / 16 + 0.5) * 16), max(cap, MIN_SIZE))
-    why = (f"median in-plane sqrt(H x W) {side:.0f} px rounded to 16, at most {max(cap, MIN_SIZE)}: "
-           f"{MIN_SAMPLES} training images must fit the budget (>= {MIN_SIZE})")
-    params = count_parameters(UNet(UNetConfig(in_channels=fp.channels, width=width, depth=4))) * 16  # + grads, Adam
-    ram = mach.memory_gib * 2**30 * 0.5
-    for size in range(plan_size, 15, -16):  # nnU-Net shrinks the patch until two fit; here the whole input
-        depth = max(1, min(5, int(math.log2(size / 8))))
-        per_image = feature_values(size, width, depth) * BYTES_PER_FEATURE
-        data_bytes = (n_train + fp.n_val_slices) * size**2 * (2 * fp.channels + 1)  # fp16 images, uint8 masks, in RAM
-        free = (mach.gpu_memory_gib or 0) * 2**30 * 0.85 if mach.gpu else ram - data_bytes
-        fits = int((free - params) // per_image)
-        if fits >= 2:
+    median = max(16, int(side / 16 + 0.5) * 16)
+    for size in range(median, 15, -16):
+        fit = memory_fit(fp, mach, width, n_train, size)
+        if fit.fits >= 2:
             break
-    if fits < 1:
-        raise MedanomalyError(f"not enough memory for one {size}x{size} image: {free / 2**30:.1f} GiB usable; "
+    if fit.fits < 1:
+        raise MedanomalyError(f"not enough memory for one {size}x{size} image: {fit.free / 2**30:.1f} GiB usable; "
                               "free memory, or train on fewer images (--splits)")
-    return _Fit(size, depth, fits, per_image, data_bytes,
-                why + ("" if size == plan_size else f"; reduced to {size} to fit memory"),
-                f"down-sample until the feature map is ~8 px ({size} -> {size // 2**depth}), at most 5")
+    why = f"median in-plane sqrt(H x W) {side:.0f} px rounded to 16" + (
+        "" if size == median else f", reduced to {size} to fit memory")
+    return list(range(min(MIN_SIZE, size), size + 1, 16)), why
+
+
+def _batch(fit: MemoryFit, mach: MachineInfo, n_train: int) -> int:
+    """Memory, device cap, at most 5 % of the training slices but >= MIN_BN_BATCH (nnU-Net), <= the slices."""
+    return max(1, min(fit.fits, GPU_BATCH if mach.gpu else CPU_BATCH, max(round(0.05 * n_train), MIN_BN_BATCH),
+                      n_train))
+
+
+def _images(ips: float, budget_s: float, n_train: int, n_val: int) -> int:
+    """Training images seen in ``budget_s`` at ``ips``: each epoch also validates (inference ~4x faster)."""
+    n_train = max(n_train, 1)
+    return int(ips * budget_s * n_train / (n_train + n_val / 4))
 
 
 def _normalization(fp: DataFingerprint) -> tuple[str, str]:
@@ -294,50 +193,149 @@ def _normalization(fp: DataFingerprint) -> tuple[str, str]:
 def _epochs(fp: DataFingerprint, ips: float, n_train: int, budget_s: float,
             max_minutes: float) -> tuple[int, float, str]:
     """(epochs, epochs that fit the budget, why): 1.5x the estimate, as the time budget ends the run."""
+    ips = max(ips, 1e-3)
     epoch_s = max(n_train, 1) / ips + fp.n_val_slices / (4 * ips)  # validation: inference is ~4x faster than training
     est = budget_s / epoch_s
-    why = f"~{est:.1f} fit {max_minutes:g} min at ~{ips:.0f} img/s; 1.5x headroom (the time budget ends the run " \
-          "and anneals the LR)"
+    why = f"~{est:.1f} fit {max_minutes:g} min at the measured {ips:.1f} img/s; 1.5x headroom (the time budget " \
+          "ends the run and anneals the LR)"
     return int(min(1000, max(1, math.ceil(1.5 * est)))), est, why
 
 
+def _norm(batch: int) -> str:
+    return "batch" if batch >= MIN_BN_BATCH else "instance"  # batch norm needs >= 8 images per batch
+
+
+class _Measured:
+    """A :data:`SpeedFn` that times real training steps on this machine
+    (:class:`medanomaly.train.probe.SpeedMeter`), each size with the depth and norm the plan gives it."""
+
+    def __init__(self, fp: DataFingerprint, mach: MachineInfo, task: str, normalization: str,
+                 positive_fraction: float | None, max_size: int):
+        base = {} if positive_fraction is None else {"positive_fraction": positive_fraction}
+        self.meter = SpeedMeter(fp.data, task, mach.device, normalization, max_size, fp.channels, base)
+
+    def __call__(self, size: int, width: int, batch: int) -> float:
+        return self.meter({"size": size, "batch_size": batch, "model.width": width, "model.depth": depth_for(size),
+                           "model.norm": _norm(batch)})
+
+    @property
+    def exhausted(self) -> bool:
+        return self.meter.exhausted
+
+    @property
+    def spent(self) -> float:
+        return self.meter.spent
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """The measured choice of size and width, and every measurement behind it."""
+
+    fit: MemoryFit
+    width: int
+    batch: int
+    images_per_s: float
+    speeds: tuple[dict, ...]
+    meets: bool  # its measured speed sees >= MIN_SAMPLES images in the budget
+
+
+def _choose(fp: DataFingerprint, mach: MachineInfo, n_train: int, budget_s: float, sizes: list[int],
+            speed: SpeedFn) -> _Choice:
+    """The largest of ``sizes`` whose measured speed sees MIN_SAMPLES training images in ``budget_s``
+    (none: the smallest); on a GPU with >= 16 GiB, GPU_WIDTH where it too is measured fast enough at that size."""
+    measured: dict[tuple[int, int, int], float] = {}
+
+    def ips(size: int, width: int = CPU_WIDTH) -> float:
+        key = (size, width, _batch(memory_fit(fp, mach, width, n_train, size), mach, n_train))
+        if key not in measured:
+            measured[key] = max(0.0, float(speed(*key)))
+        return measured[key]
+
+    def meets(size: int, width: int = CPU_WIDTH) -> bool:
+        return _images(ips(size, width), budget_s, n_train, fp.n_val_slices) >= MIN_SAMPLES * MARGIN
+
+    def guess(measured_size: int) -> int:  # from that size's measured speed, as if time grew with the pixels
+        images = _images(ips(measured_size), budget_s, n_train, fp.n_val_slices)
+        return int(measured_size * math.sqrt(images / (MIN_SAMPLES * MARGIN)))
+
+    def stop() -> bool:
+        return bool(getattr(speed, "exhausted", False))
+
+    i = largest_meeting(sizes, meets, guess, stop)
+    size, width = sizes[max(i, 0)], CPU_WIDTH
+    if (mach.gpu and (mach.gpu_memory_gib or 0) >= 16 and not stop()
+            and memory_fit(fp, mach, GPU_WIDTH, n_train, size).fits >= 2 and meets(size, GPU_WIDTH)):
+        width = GPU_WIDTH
+    fit = memory_fit(fp, mach, width, n_train, size)
+    batch = _batch(fit, mach, n_train)
+    rows = tuple({"size": k[0], "width": k[1], "batch": k[2], "images_per_s": round(v, 2),
+                  "images_expected": _images(v, budget_s, n_train, fp.n_val_slices)} for k, v in sorted(measured.items()))
+    return _Choice(fit, width, batch, ips(size, width), rows, i >= 0)
+
+
+def _size_reasons(choice: _Choice, sizes: list[int], why_sizes: str, budget_s: float, mach: MachineInfo,
+                  images: int) -> tuple[dict[str, str], list[str]]:
+    """The reasons for size, depth, width and batch, and a note where the budget is too short."""
+    fit, minutes = choice.fit, budget_s / 60
+    span = f"{sizes[0]}-{sizes[-1]} px" if len(sizes) > 1 else f"{sizes[0]} px"
+    rule = (f"the largest of {span} whose measured speed sees >= {MIN_SAMPLES:,} training images in {minutes:g} min "
+            f"(+{MARGIN - 1:.0%} for the measurement's noise)"
+            if choice.meets else f"the smallest of {span}: none sees {MIN_SAMPLES:,} images in {minutes:g} min")
+    why = {"size": f"{why_sizes}; {rule}",
+           "model.depth": f"down-sample to a ~8 px feature map ({fit.size} -> {fit.size // 2**fit.depth}), at most 5",
+           "model.width": "measured CPU default" if not mach.gpu else (
+               f"GPU: width {GPU_WIDTH} measured fast enough at this size" if choice.width == GPU_WIDTH else
+               f"GPU: width {GPU_WIDTH} not measured fast enough (or too large) at this size"),
+           "batch_size": f"min of memory (fits {fit.fits} x {fit.per_image / 2**20:.0f} MiB), device cap "
+                         f"({GPU_BATCH if mach.gpu else CPU_BATCH}), 5% of the train slices (>= {MIN_BN_BATCH})",
+           "model.norm": "batch norm needs >= 8 images per batch" if _norm(choice.batch) == "batch" else
+                         "small batch: as nnU-Net",
+           "plan_images_per_s": "measured here: a run that trains well below it says so"}
+    enough = math.ceil(minutes * MIN_SAMPLES / max(images, 1))
+    short = (f"at the measured {choice.images_per_s:.1f} img/s, {minutes:g} min see ~{images:,} training images, "
+             f"fewer than the {MIN_SAMPLES:,} the plan asks for: --max-minutes {enough} would reach it")
+    notes = [] if choice.meets else [short]
+    return why, notes
+
+
 def make_plan(fp: DataFingerprint, mach: MachineInfo, max_minutes: float = TrainConfig.max_minutes,
-              task: str = TrainConfig.task) -> Plan:
+              task: str = TrainConfig.task, speed: SpeedFn | None = None) -> Plan:
     """The plan for ``task`` on this data and machine within ``max_minutes`` of training (<= 0: no
-    budget; sized as for the default budget)."""
+    budget; sized as for the default budget). ``speed``: training images/s of (size, width, batch);
+    None: measured now, on a few slices of ``fp.data`` on ``mach.device`` (at most ~20 s)."""
     why = {"max_minutes": "training time budget", "task": _task_reason(fp, task)}
     dim, why["dim"] = _choose_dim(fp)
     notes = _dim_notes(fp, dim)
     lesion = fp.lesion_slice_fraction or 0.0
     n_train = fp.n_train_labelled if task == "supervised" else round(fp.n_train_slices - lesion * fp.n_train_labelled)
     budget_s = (max_minutes if max_minutes > 0 else TrainConfig.max_minutes) * 60
-    wide = bool(mach.gpu) and (mach.gpu_memory_gib or 0) >= 16
-    width = GPU_WIDTH if wide else CPU_WIDTH
-    why["model.width"] = "GPU: a wider network is affordable" if wide else "measured CPU default"
-    fit = _fit_size(fp, mach, width, n_train, budget_s)
-    why["size"], why["model.depth"] = fit.why_size, fit.why_depth
-    cap = GPU_BATCH if mach.gpu else CPU_BATCH
-    batch = max(1, min(fit.fits, cap, max(round(0.05 * n_train), MIN_BN_BATCH), n_train))
-    why["batch_size"] = (f"min of memory (fits {fit.fits} x {fit.per_image / 2**20:.0f} MiB), device cap ({cap}), "
-                         f"5% of {n_train} train slices (>= {MIN_BN_BATCH})")
-    norm = "batch" if batch >= MIN_BN_BATCH else "instance"
-    why["model.norm"] = "batch norm needs >= 8 images per batch" if norm == "batch" else "small batch: as nnU-Net"
-    if mach.memory_gib * 2**30 * 0.5 < fit.data_bytes:
-        notes.append(f"the training slices need {fit.data_bytes / 2**30:.1f} GiB of RAM at {fit.size} px: "
-                     "use fewer cases")
     normalization, why["normalization"] = _normalization(fp)
     pos = None if task == "anomaly" else (0.5 if lesion < 0.5 else 0.0)
     why["positive_fraction"] = f"lesion in {lesion:.0%} of slices: " + (
         "half of each batch from lesion slices" if pos else "uniform sampling suffices")
-    ips = images_per_second(mach, fit.size, width)
+    sizes, why_sizes = _sizes(fp, mach, CPU_WIDTH, n_train)
+    speed = speed or _Measured(fp, mach, task, normalization, pos, sizes[-1])
+    choice = _choose(fp, mach, n_train, budget_s, sizes, speed)
+    fit, ips = choice.fit, choice.images_per_s
+    images = _images(ips, budget_s, n_train, fp.n_val_slices)
+    reasons, short = _size_reasons(choice, sizes, why_sizes, budget_s, mach, images)
+    why |= reasons
+    notes += short
+    if mach.memory_gib * 2**30 * 0.5 < fit.data_bytes:
+        notes.append(f"the training slices need {fit.data_bytes / 2**30:.1f} GiB of RAM at {fit.size} px: "
+                     "use fewer cases")
     epochs, est, why["epochs"] = _epochs(fp, ips, n_train, budget_s, max_minutes)
-    return Plan(task, float(max_minutes), dim, fit.size, int(batch), width, fit.depth, norm, normalization, pos, epochs,
-                round(ips, 2), round(est, 2), why, tuple(notes), fp, mach)
+    return Plan(task=task, max_minutes=float(max_minutes), recommended_dim=dim, size=fit.size,
+                batch_size=int(choice.batch), width=choice.width, depth=fit.depth, norm=_norm(choice.batch),
+                normalization=normalization, positive_fraction=pos, epochs=epochs, images_per_s=round(ips, 2),
+                epochs_estimate=round(est, 2), images_expected=images, min_images=MIN_SAMPLES, speeds=choice.speeds,
+                probe_seconds=round(float(getattr(speed, "spent", 0.0)), 1), why=why, notes=tuple(notes),
+                fingerprint=fp, machine=mach)
 
 
 def save_plan(plan: Plan, path: str | Path, overwrite: bool = True) -> Path:
     check_new_file(path, overwrite)  # 'medanomaly plan' checks it before planning too (commands.cmd_plan)
-    atomic_write_text(Path(path), json.dumps(asdict(plan), indent=1))
+    atomic_write_text(Path(path), jsonio.dumps(asdict(plan), indent=1))
     return Path(path)
 
 
@@ -348,7 +346,8 @@ def load_plan(path: str | Path) -> Plan:
         if d.get("version") != PLAN_VERSION:
             raise ValueError(f"version {d.get('version')!r}, expected {PLAN_VERSION}")
         fp = {k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("fingerprint").items()}
-        d.update(fingerprint=DataFingerprint(**fp), machine=MachineInfo(**d.pop("machine")), notes=tuple(d["notes"]))
+        d.update(fingerprint=DataFingerprint(**fp), machine=MachineInfo(**d.pop("machine")), notes=tuple(d["notes"]),
+                 speeds=tuple(dict(s) for s in d["speeds"]))
         return Plan(**{f.name: d[f.name] for f in fields(Plan)})
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
         raise MedanomalyError(f"cannot read plan file {path}: {exc}; re-create it with 'medanomaly plan DATA'") from exc
@@ -392,6 +391,8 @@ def for_run(data: Path, splits_file: Path | None, plan_file: Path | None, config
         merged["epochs"] = max(1, math.ceil(plan.epochs * minutes / plan.max_minutes))
     for key in ("model.width", "model.depth", "model.norm") if fixed.get("init") else ():
         merged.pop(key, None)
+    if any(k in SPEED_KEYS or k.startswith("model.") for k in fixed) or fixed.get("init"):
+        merged.pop("plan_images_per_s", None)  # measured for the plan's settings, not these
     log.info("plan: %s; set by --config or flags: %s", ", ".join(f"{k}={v}" for k, v in merged.items()) or "-",
              ", ".join(sorted(set(plan.to_config_overrides()) & set(fixed))) or "-")
     return plan, merged | {k: v for k, v in flags.items() if v is not None}

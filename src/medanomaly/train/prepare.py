@@ -10,7 +10,6 @@ are resolved into the saved configuration.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import torch
 from medanomaly.anomaly.methods import foreground
 from medanomaly.config import schema as config_mod
 from medanomaly.config.schema import TrainConfig
-from medanomaly.core import distributed
+from medanomaly.core import distributed, jsonio
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.discover import discover, resolve_splits
@@ -63,7 +62,7 @@ def prepare(data: Path, out: Path, cfg: TrainConfig, splits_file: str | Path | N
         prep = prepare_slices(data, cfg, splits_file, progress)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "splits.json", json.dumps(prep.splits, indent=1))
+        atomic_write_text(out / "splits.json", jsonio.dumps(prep.splits, indent=1))
         config_mod.save(prep.cfg, out / "config.json")
     return prep
 

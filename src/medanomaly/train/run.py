@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
@@ -30,14 +31,16 @@ from medanomaly.config import schema as config_mod
 from medanomaly.config.schema import TrainConfig, pretrain_budget
 from medanomaly.core import distributed
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.progress import run_logged
 from medanomaly.core.runtime import choose_precision, set_seed
+from medanomaly.data.discover import read_sample
 from medanomaly.data.volumes import check_3d_config, group_volumes
-from medanomaly.io import read_image
 from medanomaly.models.build import build_model
 from medanomaly.models.init import load_matching, read_state_dict
 from medanomaly.models.losses import get_loss
 from medanomaly.train.checkpoint import (
     METRIC_FIELDS,
+    NEW_FIELDS,
     check_out_dir,
     check_run_dir,
     fresh_state,
@@ -45,8 +48,9 @@ from medanomaly.train.checkpoint import (
     remove_stale_temp_files,
     resume_state,
 )
+from medanomaly.train.curves import check_tensorboard
 from medanomaly.train.fewlabels import build_extras, check_extra, unlabelled_samples
-from medanomaly.train.loop import fit
+from medanomaly.train.loop import MIN_IMAGES, fit
 from medanomaly.train.prepare import Prepared, prepare, split_parts, usable_and_splits
 from medanomaly.train.semisup import (
     PRETRAIN_DIR,
@@ -69,11 +73,15 @@ class TrainResult:
     best_epoch: int
     best_val_score: float  # mean per-case val Dice (supervised) or minus the val anomaly loss
     epochs_run: int
-    seconds: float
+    seconds: float  # training: the steps and the per-epoch validation, across resumes
     cfg: TrainConfig  # as the run resolved it (3D: patch and spacing; --unlabelled: its --init), for calibration
     in_channels: int
+    images_seen: int = 0  # slices (3D: patches) the training steps drew, across resumes
+    load_seconds: float = 0.0  # checks and data loading before the first step (this process, this call)
+    calibrate_seconds: float | None = None  # filled by whoever calibrates (medanomaly.apps.api.train)
 
 
+@run_logged("out", enabled=distributed.is_main)  # OUT/train.log, from when the run writes its config.json
 def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str | Path | None = None,
           resume: bool = False, device: str = "cpu", progress: bool = True) -> TrainResult:
     """Train a U-Net (2D on slices, or 3D on patches of volumes: ``cfg.model.dim``) on the image/mask
@@ -84,7 +92,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     the batch size is the global batch, each process computes its share of every batch, rank 0
     validates and writes every file; every process returns the same result.
     """
-    data, out, dev = Path(data), Path(out), torch.device(device)
+    data, out, dev, t_start = Path(data), Path(out), torch.device(device), time.perf_counter()
     if cfg.model.dim == 3:
         check_3d_config(cfg)
         distributed.check_batch(cfg.patch_batch)  # under torchrun: the global batch of patches
@@ -114,8 +122,13 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     if resume and distributed.is_main() and (out / "model.json").is_file():  # its weights are about to change:
         (out / "model.json").unlink()  # unfinished (visibly so) until calibrated again
         log.info("%s: model.json removed; the run is calibrated again once trained", out)
+    load_s = time.perf_counter() - t_start
+    log.info("checks, data loading and set-up: %.1f s (not counted in the training budget)", load_s)
     state = fit(model, opt, source, cfg, out, gen, state, dev, precision, progress)
-    return TrainResult(out, state.best_epoch, state.best, state.epoch + 1, state.elapsed, cfg, in_ch)
+    log.info("training: %d epochs, %d images seen in %.1f min (plus %.1f s of loading)", state.epoch + 1,
+             state.images_seen, state.elapsed / 60, load_s)
+    return TrainResult(out, state.best_epoch, state.best, state.epoch + 1, state.elapsed, cfg, in_ch,
+                       state.images_seen, load_s)
 
 
 def check_run(data: Path, cfg: TrainConfig, splits_file: str | Path | None, resume_from: Path | None) -> None:
@@ -125,6 +138,8 @@ def check_run(data: Path, cfg: TrainConfig, splits_file: str | Path | None, resu
     ``--resume`` cannot load into the network and optimizer of ``cfg``, ``--compile`` under torchrun.
     The data listing (discovery and split, no image decoded; one image read for its channels where
     needed) raises the data errors that :func:`prepare` would."""
+    if cfg.tensorboard:
+        check_tensorboard()
     if cfg.compile and distributed.world_size() > 1:
         raise MedanomalyError("--compile runs in one process; start the run without torchrun or drop --compile")
     if cfg.extra and cfg.task != "supervised":
@@ -133,7 +148,7 @@ def check_run(data: Path, cfg: TrainConfig, splits_file: str | Path | None, resu
     usable, splits = usable_and_splits(data, cfg, splits_file)
     volumes = cfg.model.dim == 3
     parts = split_parts(group_volumes(usable) if volumes else usable, splits, data, "volumes" if volumes else "images")
-    channels = cache(lambda: read_image(usable[0].image).channels)  # read once, only where needed
+    channels = cache(lambda: read_sample(usable[0]).channels)  # read once, only where needed
     if cfg.extra:
         check_extra(cfg, data, parts, channels())
     if cfg.task == "supervised" and cfg.unlabelled and resume_from is None:
@@ -182,6 +197,9 @@ class RunRecord:
     reason: str
     best_epoch: int = -1
     best_val_score: float = math.nan
+    epochs: int | None = None  # epochs trained (the last one possibly cut short by the time budget)
+    images_seen: int | None = None  # None: not known (no checkpoint, or one of an earlier release)
+    seconds: float | None = None  # training time (steps and validation); None: no checkpoint
 
 
 def run_record(out: Path, cfg: TrainConfig) -> RunRecord:
@@ -197,17 +215,40 @@ def run_record(out: Path, cfg: TrainConfig) -> RunRecord:
     try:
         epoch, best, best_epoch = int(st["epoch"]), float(st["best"]), int(st["best_epoch"])
         bad, elapsed = int(st["bad_epochs"]), float(st["elapsed"])
+        seen = int(st["images_seen"]) if "images_seen" in st else None
     except (KeyError, TypeError, ValueError) as exc:
         raise MedanomalyError(f"{out / 'checkpoint.pt'} is not a checkpoint of medanomaly train (no {exc}); "
                               "retrain") from exc
     budget = cfg.max_minutes * 60 if cfg.max_minutes > 0 else math.inf
+    facts = {"best_epoch": best_epoch, "best_val_score": best, "epochs": epoch + 1, "images_seen": seen,
+             "seconds": elapsed}
     if not (out / "model.pt").is_file():
-        return RunRecord(False, "its model.pt is missing", best_epoch, best)
+        return RunRecord(False, "its model.pt is missing", **facts)
     if epoch + 1 >= cfg.epochs or bad >= cfg.patience:
-        return RunRecord(True, f"trained {epoch + 1} epochs", best_epoch, best)
-    if elapsed >= budget or elapsed + _epoch_seconds(out / "metrics.csv", epoch) > budget * 1.02:
-        return RunRecord(True, f"time budget reached after {epoch + 1} epochs", best_epoch, best)
-    return RunRecord(False, f"it stopped after epoch {epoch + 1} of {cfg.epochs}", best_epoch, best)
+        return RunRecord(True, f"trained {epoch + 1} epochs", **facts)
+    if _budget_spent(st, elapsed, budget, out / "metrics.csv", epoch):
+        return RunRecord(True, f"time budget reached after {epoch + 1} epochs", **facts)
+    return RunRecord(False, f"it stopped after epoch {epoch + 1} of {cfg.epochs}", **facts)
+
+
+def _budget_spent(st: dict, elapsed: float, budget: float, metrics_csv: Path, epoch: int) -> bool:
+    """The loop's rule: no step starts once the training time plus the last validation's reaches the
+    budget. A checkpoint of an earlier release (no ``val_seconds``: its loop stopped between epochs)
+    ended when the next epoch would have overrun the budget by 2 %."""
+    if all(k in st for k in NEW_FIELDS):
+        return elapsed + float(st["val_seconds"]) >= budget
+    return elapsed >= budget or elapsed + _epoch_seconds(metrics_csv, epoch) > budget * 1.02
+
+
+def training_facts(out: Path, cfg: TrainConfig) -> dict:
+    """What the model file's training record states beyond the best epoch (config.model_file's
+    TrainingSummary): epochs trained, images seen, training minutes, and, for a planned run, the
+    training speed the plan measured and the plan's minimum of images; None where not known."""
+    record = run_record(out, cfg)
+    planned = cfg.plan_images_per_s
+    minutes = None if record.seconds is None else round(record.seconds / 60, 2)
+    return {"epochs": record.epochs, "images_seen": record.images_seen, "train_minutes": minutes,
+            "plan_images_per_s": planned, "min_images": MIN_IMAGES if planned else None}
 
 
 def _epoch_seconds(metrics_csv: Path, epoch: int) -> float:

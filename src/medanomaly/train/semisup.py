@@ -15,7 +15,6 @@ the ``--init`` of the supervised run) and marks it finished with ``MODEL/pretrai
 from __future__ import annotations
 
 import copy
-import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 from medanomaly.config.options import DEFAULT_UNLABELLED_METHOD, UNLABELLED_METHODS
 from medanomaly.config.schema import TrainConfig, pretrain_budget
+from medanomaly.core import jsonio
 from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.distributed import barrier, is_main
 from medanomaly.core.errors import MedanomalyError
@@ -95,7 +95,7 @@ def pretrain_data(cfg: TrainConfig, data: Path, out: Path, splits: dict[str, lis
         return source, None
     splits_file = out / "pretrain-splits.json"
     if is_main():  # under torchrun, rank 0 writes it and the others wait for it
-        atomic_write_text(splits_file, json.dumps({"train": splits["train"] + splits[cfg.unlabelled],
+        atomic_write_text(splits_file, jsonio.dumps({"train": splits["train"] + splits[cfg.unlabelled],
                                                    "val": splits["val"], "test": splits.get("test", [])}))
     barrier()
     return data, splits_file
@@ -110,5 +110,5 @@ def pretrain_finished(target: Path) -> bool:
 def mark_pretrain_finished(target: Path, summary: dict) -> None:
     """Write the finished marker (rank 0; every process waits, then reads the weights from ``target``)."""
     if is_main():
-        atomic_write_text(target / PRETRAIN_DONE, json.dumps(summary, indent=1))
+        atomic_write_text(target / PRETRAIN_DONE, jsonio.dumps(summary, indent=1))
     barrier()
