@@ -37,3 +37,8 @@ def test_main_writes_the_page(tmp_path, capsys):
     assert apidoc.main([str(tmp_path / "api.md")]) == 0
     assert (tmp_path / "api.md").read_text(encoding="utf-8") == apidoc.render()
     assert apidoc.main([]) == 0 and capsys.readouterr().out == apidoc.render()
+
+
+def test_the_readme_shows_the_tested_example():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert apidoc.EXAMPLE in readme  # the example test_api runs is the one users read

@@ -61,6 +61,7 @@ def test_train_writes_model_directory(trained):
         assert (trained / name).is_file(), name
     log = (trained / "train.log").read_text()  # INFO lines although the run was -q (the console's setting)
     assert "INFO medanomaly.train.loop: epoch 2:" in log and "\r" not in log
+    assert "medanomaly.apps.api: time: training" in log  # the calibration's lines too
     meta = json.loads((trained / "model.json").read_text())
     assert meta["calibration"]["split"] == "val"
     assert set(meta["postprocess"]) >= {"threshold", "min_size", "fill_holes", "smooth_radius"}

@@ -167,3 +167,22 @@ def test_end_to_end_two_channel_png(tmp_path, cli, tiny_train_flags):
     assert json.loads((model / "model.json").read_text())["input"]["channels"] == 2
     assert cli("predict", model, root / "imagesTr", "--out", tmp_path / "p")[0] == 0
     assert len(list((tmp_path / "p").glob("*_pred.png"))) == 4
+    listing = tmp_path / "todo.csv"  # the same image as a CSV row of channel columns: one two-channel image
+    listing.write_text("image_0000,image_0001\nd/imagesTr/img0_0000.png,d/imagesTr/img0_0001.png\n")
+    rc, err = cli("predict", model, listing, "--out", tmp_path / "q")
+    assert rc == 0, err
+    assert [p.name for p in (tmp_path / "q").rglob("*_pred.png")] == ["img0_0000_pred.png"]
+
+
+def test_end_to_end_two_channel_3d(tmp_path, cli):
+    """A 3D model of two channels predicts an imagesTs/ case from its two channel files (one image)."""
+    root = _nnunet(tmp_path / "d", shape=(16, 24, 24))
+    model, pred = tmp_path / "m", tmp_path / "p"
+    assert cli("train", root, "--out", model, "--dim", "3", "--no-plan", "--epochs", "1", "--patches-per-epoch", "2",
+               "--patch", "8", "16", "16", "--spacing", "1", "1", "1", "--width", "4", "--depth", "2", "--norm",
+               "instance", "--device", "cpu")[0] == 0
+    assert json.loads((model / "model.json").read_text())["input"]["channels"] == 2
+    rc, err = cli("predict", model, root / "imagesTs", "--out", pred)
+    assert rc == 0, err
+    assert (pred / "case4_0000_pred.nii.gz").is_file() and not (pred / "case4_0001_pred.nii.gz").exists()
+    assert nib.load(pred / "case4_0000_pred.nii.gz").shape == nib.load(root / "imagesTs" / "case4_0000.nii.gz").shape

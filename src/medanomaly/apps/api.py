@@ -29,6 +29,7 @@ from medanomaly.config.schema import SECTION_CLASSES, TrainConfig, rule_of
 from medanomaly.config.sections import PostprocessParams
 from medanomaly.core import distributed
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.core.progress import run_log
 from medanomaly.core.runtime import resolve_device
 from medanomaly.data.discover import discover
 from medanomaly.evaluate.score import evaluate_model, evaluate_predictions
@@ -147,11 +148,12 @@ def _train_and_calibrate(data: str | Path, out: str | Path, cfg: TrainConfig, sp
     res = _train_run(data, out, cfg, splits_file, resume=resume, device=device, progress=progress)
     seconds = 0.0
     if distributed.is_main():
-        start = time.perf_counter()
-        calibrate_and_save(res.out_dir, res.cfg, Path(data), res.in_channels, res.best_epoch, res.best_val_score,
-                           device=torch.device(device), progress=progress)
-        seconds = time.perf_counter() - start
-        log.info("time: training %.1f s, calibration %.1f s", res.seconds, seconds)
+        with run_log(Path(res.out_dir) / "train.log"):  # the calibration's lines belong to the run's log too
+            start = time.perf_counter()
+            calibrate_and_save(res.out_dir, res.cfg, Path(data), res.in_channels, res.best_epoch,
+                               res.best_val_score, device=torch.device(device), progress=progress)
+            seconds = time.perf_counter() - start
+            log.info("time: training %.1f s, calibration %.1f s", res.seconds, seconds)
     distributed.barrier()
     return res, seconds
 

@@ -15,7 +15,8 @@ from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.progress import track
 from medanomaly.core.version import __version__
-from medanomaly.data.discover import group_inputs, read_sample
+from medanomaly.data.discover import Sample, discover, group_inputs, read_sample
+from medanomaly.data.listing import is_listing
 from medanomaly.data.volumes import SLICE_SUFFIXES, VolumeCase, read_volume
 from medanomaly.infer.predictor import Predictor
 from medanomaly.infer.volume import slice_predictions
@@ -53,14 +54,15 @@ def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Pa
     check_outputs(out, list(stems.values()), overwrite, extra=("regions.json",), naming=naming)
     predictor = Predictor(model_dir, device, runtime=runtime)
     records, failed = [], []
-    if predictor.dim == 3:  # 3D model: a folder of 2D slices is one stacked volume (rank 0 predicts all)
-        recs, fails = predict_items_3d(predictor, items if distributed.is_main() else [], out, stems, dicom_seg,
-                                       progress, naming)
-        records, failed, items = list(enumerate(recs)), list(enumerate(fails)), []
     items, images = group_inputs(items, predictor.channels)  # nnU-Net case_0000, case_0001...: one image
+    images |= {s.image: s for given in inputs if is_listing(given) for s in discover(given)}  # CSV channel columns
     for sample in images.values():  # wrong channel files or names: refused before any work (one per file)
         if sample.channel_names or len(sample.files) > 1:
             predictor.model_file.input.check_input(len(sample.files), sample.channel_names, str(sample.image))
+    if predictor.dim == 3:  # 3D model: a folder of 2D slices is one stacked volume (rank 0 predicts all)
+        recs, fails = predict_items_3d(predictor, items if distributed.is_main() else [], out, stems, dicom_seg,
+                                       progress, naming, images)
+        records, failed, items = list(enumerate(recs)), list(enumerate(fails)), []
     rank, world = distributed.rank(), distributed.world_size()  # under torchrun: every world-th file here
     for k, (_, path) in enumerate(track(items[rank::world], desc="predict", unit="img", enabled=progress)):
         stem, index = stems[path], k * world + rank
@@ -91,9 +93,11 @@ def _check_inputs(inputs: list[str | Path], naming: str) -> None:
 
 
 def predict_items_3d(predictor: Predictor, items: list[tuple[Path, Path]], out: Path, stems: dict[Path, Path],
-                     dicom_seg: bool, progress: bool, naming: str = "medanomaly") -> tuple[list[dict], list[dict]]:
+                     dicom_seg: bool, progress: bool, naming: str = "medanomaly",
+                     images: dict[Path, Sample] | None = None) -> tuple[list[dict], list[dict]]:
     """predict's loop for a 3D model: the 2D slice files of one folder are stacked and predicted
-    as one volume, then written slice by slice (to ``stems[path]``); other inputs one by one.
+    as one volume, then written slice by slice (to ``stems[path]``); other inputs one by one, a
+    multi-channel one (``images[path]``: its channel files, :func:`group_inputs`) read as one image.
     (records, failed)."""
     groups: dict[tuple, list[tuple[Path, Path]]] = {}
     for root, path in items:
@@ -103,7 +107,9 @@ def predict_items_3d(predictor: Predictor, items: list[tuple[Path, Path]], out: 
     for group in track(list(groups.values()), desc="predict", unit="vol", enabled=progress):
         try:
             vc = VolumeCase("", tuple(p for _, p in group), (None,) * len(group))
-            image, slices = read_volume(vc)
+            sample = (images or {}).get(vc.images[0])
+            image, slices = (read_sample(sample), None) if sample is not None and len(sample.files) > 1 \
+                else read_volume(vc)
             pred = predictor.predict(image)
             parts = [pred] if slices is None else slice_predictions(pred, slices)
             written = []

@@ -34,6 +34,7 @@ from medanomaly.data.discover import discover, read_sample, resolve_splits
 from medanomaly.data.foreground import foreground_mask
 from medanomaly.data.slices import SliceSet, load_slices, resize
 from medanomaly.io import read_mask
+from medanomaly.io.orient import canonical
 from medanomaly.models.build import count_parameters
 from medanomaly.models.losses import get_loss
 from medanomaly.models.unet import UNet, UNetConfig
@@ -89,7 +90,8 @@ def fingerprint(data: str | Path, splits_file: str | Path | None = None, max_ima
     shapes, spacings, channels, eight, values, fg, lesion_slices = [], [], [], [], [], [], []
     kinds, z_of, lesion_px, px, rng = set(), {}, 0, 0, np.random.default_rng(0)
     for i in pick:
-        s, img = samples[i], read_sample(samples[i])
+        s, stored = samples[i], read_sample(samples[i])
+        img, turn = canonical(stored)  # shapes and spacing as training sees them (io.orient; rasters as stored)
         a, g = img.array, img.geometry
         shapes.append(img.spatial_shape)
         spacings += [g.spacing] if g.spacing_known else []
@@ -101,7 +103,7 @@ def fingerprint(data: str | Path, splits_file: str | Path | None = None, max_ima
         step = max(1, int((a[0].size / (2**16 if a.ndim == 3 else 2**21)) ** (1 / (a.ndim - 1))))  # Otsu on <= 256^2
         fg.append(float(foreground_mask(a[(np.s_[:],) + (np.s_[::step],) * (a.ndim - 1)], channel_axis=0).mean()))
         if s.mask is not None:
-            m = read_mask(s.mask, like=img)
+            m = turn.apply(read_mask(s.mask, like=stored))
             lesion_px, px = lesion_px + int(m.sum()), px + m.size
             lesion_slices += list(m.reshape(m.shape[0], -1).any(1)) if m.ndim == 3 else [bool(m.any())]
     is_3d = sum(len(sh) == 3 for sh in shapes) > len(shapes) / 2
