@@ -264,6 +264,35 @@ def labelled_phantoms():
     return _labelled_phantoms
 
 
+def _multilabel_phantoms(root: Path, n_cases: int = 4, dataset_json: bool = True) -> Path:
+    """Tiny 32x32 image/mask pairs with two lesion labels in case folders (3 slices each, 2/1/1
+    splits.json): label 1 a bright 8x8 square (220) top left, label 2 a dimmer one (120) bottom right;
+    masks hold the values 1 and 2 (PNG). ``dataset_json``: root/dataset.json names them (nnU-Net v2
+    ``labels``: background 0, edema 1, enhancing 2)."""
+    rng = np.random.default_rng(0)
+    for c in range(n_cases):
+        d = root / f"case{c}"
+        d.mkdir(parents=True)
+        for k in range(3):
+            img = (rng.random((32, 32)) * 60).astype(np.uint8)
+            mask = np.zeros((32, 32), np.uint8)
+            y, x = 4 + (c + k) % 3, 4 + k
+            img[y:y + 8, x:x + 8], mask[y:y + 8, x:x + 8] = 220, 1
+            img[18:26, 18 - k:26 - k], mask[18:26, 18 - k:26 - k] = 120, 2
+            PILImage.fromarray(img).save(d / f"case{c}_{k}.png")
+            PILImage.fromarray(mask).save(d / f"case{c}_{k}_mask.png")
+    (root / "splits.json").write_text(json.dumps({"train": ["case0", "case1"], "val": ["case2"], "test": ["case3"]}))
+    if dataset_json:
+        (root / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "edema": 1, "enhancing": 2}}))
+    return root
+
+
+@pytest.fixture
+def multilabel_phantoms():
+    """The builder of tiny two-label phantoms: ``multilabel_phantoms(root, n_cases=4, dataset_json=True) -> root``."""
+    return _multilabel_phantoms
+
+
 def _make_model_dir(path: Path, task: str = "supervised", method: str = "denoise", size: int = 32,
                    in_channels: int = 1, depth: int = 2, seed: int = 0, norm: str = "batch") -> Path:
     """A model directory as train writes it, with random weights (BatchNorm statistics included,

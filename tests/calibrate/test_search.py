@@ -11,8 +11,11 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import tifffile
 import torch
+from PIL import Image as PILImage
 
 from medanomaly.calibrate import search as search_mod
 from medanomaly.calibrate.search import (
@@ -27,6 +30,7 @@ from medanomaly.config.model_file import TrainingSummary, read_model_file
 from medanomaly.config.sections import AnomalyConfig, PostprocessParams
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.infer.predictor import Predictor
+from medanomaly.io import read_image
 
 
 @pytest.fixture
@@ -166,3 +170,34 @@ def test_calibrate_replaces_a_finished_model_file_only_when_asked(tmp_path, data
     (out / "model.json").write_text(json.dumps(pending))
     calibrate_model(out, data, progress=False)  # completed without --overwrite
     assert read_model_file(out) == first
+
+
+def test_several_labels_are_calibrated_per_label_and_predicted_as_label_maps(tmp_path, cli, multilabel_phantoms,
+                                                                            tiny_train_flags):
+    """dataset.json names two labels: train (1 epoch) -> a threshold and post-processing per label
+    on val in model.json -> predict writes label maps (the label values) on the input's grid."""
+    data = multilabel_phantoms(tmp_path / "data")
+    model = tmp_path / "model"
+    rc, err = cli("train", data, "--out", model, *tiny_train_flags)
+    assert rc == 0, err
+    mf = read_model_file(model)
+    assert [(lb.value, lb.name) for lb in mf.labels] == [(1, "edema"), (2, "enhancing")]
+    assert mf.model.out_channels == 3 and len(mf.label_posts) == 2
+    assert [r["name"] for r in mf.calibration["labels"]] == ["edema", "enhancing"]
+    assert mf.calibration["mean_case_dice"] == pytest.approx(
+        sum(r["mean_case_dice"] for r in mf.calibration["labels"]) / 2)
+    assert "mean over the labels" in mf.training.val_score
+    out = tmp_path / "pred"
+    rc, err = cli("predict", model, data / "case3", "--out", out)
+    assert rc == 0, err
+    pred = np.asarray(PILImage.open(out / "case3_0_pred.png"))
+    assert pred.shape == (32, 32) and set(np.unique(pred).tolist()) <= {0, 1, 2}
+    scores = [tifffile.imread(out / f"case3_0_score_{name}.tif") for name in ("edema", "enhancing")]
+    assert all(s.shape == (32, 32) for s in scores) and float((scores[0] + scores[1]).max()) <= 1 + 1e-5
+    record = json.loads((out / "regions.json").read_text())
+    assert [(r["name"], r["threshold"]) for r in record["labels"]] == [
+        (lb.name, p.threshold) for lb, p in zip(mf.labels, mf.label_posts)]
+    regions = record["images"]
+    assert len(regions) == 3 and all({"label_value", "label_name"} <= set(r) for im in regions for r in im["regions"])
+    again = Predictor(model).predict(read_image(data / "case3" / "case3_0.png"))
+    np.testing.assert_array_equal(again.mask, pred)  # what was written is what the predictor gives

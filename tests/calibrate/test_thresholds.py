@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medanomaly.calibrate.thresholds import MIN_SIZES, THRESHOLDS, calibrate_anomaly, search
+from medanomaly.calibrate.thresholds import MIN_SIZES, THRESHOLDS, calibrate_anomaly, calibrate_labels, search
+from medanomaly.config.labels import Label
 from medanomaly.config.schema import TrainConfig
 from medanomaly.config.sections import AnomalyConfig, PostprocessParams
 
@@ -88,3 +89,18 @@ def test_anomaly_threshold_without_lesions_is_the_target_fpr_of_normal_foregroun
     assert calib["mode"].startswith("target_fpr")
     assert post == PostprocessParams(threshold=calib["threshold_at_target_fpr"])
     assert 0 < calib["achieved_fpr"] <= 0.25 and calib["n_normal_images"] == 2
+
+
+def test_each_label_gets_its_own_threshold_on_its_own_probability():
+    """Label 1 (value 1) is separated at 0.4, label 2 (value 3) only at 0.7: each search sees its
+    own probability map and its own truth (the label map compared with the label's value)."""
+    scores = [np.array([[[0.1, 0.35, 0.65, 0.9], [0.0, 0.0, 0.0, 0.0]],
+                        [[0.0, 0.0, 0.0, 0.0], [0.2, 0.65, 0.75, 0.8]]], np.float32)]  # (K=2, 2, 4)
+    truths = [np.array([[0, 0, 1, 1], [0, 0, 3, 3]])]
+    v = {"scores": scores, "truths": truths, "cases": ["a"], "images": [np.zeros((2, 4))]}
+    posts, record = calibrate_labels(v, (Label(1, "edema"), Label(3, "necrosis")))
+    assert [p.threshold for p in posts] == [0.4, 0.7]
+    assert record["mean_case_dice"] == 1.0 and record["objective"] == "mean per-case Dice of each label"
+    assert [(r["value"], r["name"], r["mean_case_dice"], r["trials"]) for r in record["labels"]] == [
+        (1, "edema", 1.0, N_TRIALS), (3, "necrosis", 1.0, N_TRIALS)]
+    assert record["labels"][1]["mean_case_dice_at_0.5"] == pytest.approx(0.8)  # tp 2, fp 1

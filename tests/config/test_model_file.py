@@ -283,3 +283,25 @@ def test_check_input_names_both_sides():
         spec.check_input(2, ("T1", "FLAIR"), "x")
     with pytest.raises(MedanomalyError, match=r"model expects 1-channel images; x has 3 channels"):
         InputSpec(1, 64, "auto").check_input(3, (), "x")
+
+
+def test_several_labels_recorded_with_their_post_processing_and_read_back(tmp_path):
+    posts = (PostprocessParams(threshold=0.3, min_size=10), PostprocessParams(threshold=0.6))
+    mf = build_model_file(_cfg(labels="1=edema,2=enhancing"), 2, PostprocessParams(), TRAINING, {}, label_posts=posts)
+    assert mf.model.out_channels == 3 == network_out_channels("supervised", "denoise", 2, 2)  # background + 2
+    write_model_file(mf, tmp_path)
+    data = json.loads((tmp_path / "model.json").read_text())
+    assert data["labels"] == [{"value": 1, "name": "edema", "postprocess": posts[0].to_dict()},
+                              {"value": 2, "name": "enhancing", "postprocess": posts[1].to_dict()}]
+    back = read_model_file(tmp_path)
+    assert back == mf and back.label_posts == posts and [lb.name for lb in back.labels] == ["edema", "enhancing"]
+    data["model"]["out_channels"] = 1  # a network of one logit cannot be a model of two labels
+    (tmp_path / "model.json").write_text(json.dumps(data))
+    with pytest.raises(MedanomalyError, match="model.out_channels is 1; a supervised model has 3"):
+        read_model_file(tmp_path)
+
+
+def test_binary_and_one_label_model_files_have_no_labels_entry(tmp_path):
+    for cfg in (_cfg(), _cfg(labels="1=lesion")):
+        mf = build_model_file(cfg, 1, PostprocessParams(), TRAINING, {})
+        assert mf.labels == () and mf.model.out_channels == 1 and "labels" not in mf.to_dict()

@@ -4,7 +4,9 @@ folders, plus the real data sets where present)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -12,16 +14,21 @@ import numpy as np
 import pytest
 from PIL import Image as PILImage
 
+from medanomaly.config.labels import Label
+from medanomaly.config.schema import TrainConfig
+from medanomaly.config.sections import UNetConfig
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.discover import (
     IMAGE_TOKENS,
     MASK_TOKENS,
+    dataset_labels,
     discover,
     is_mask_file,
     load_splits,
     make_splits,
     resolve_splits,
     strip_token,
+    with_labels,
 )
 
 DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
@@ -349,3 +356,29 @@ def test_real_volumes():
         assert by[name].mask.name == f"{name}_label.nrrd"
         assert by[name].case == name
     assert not any(is_mask_file(s.image) for s in samples)
+
+
+def test_dataset_json_labels_are_read_v2_and_v1(tmp_path):
+    assert dataset_labels(tmp_path) == ()  # no dataset.json
+    (tmp_path / "dataset.json").write_text(json.dumps({"channel_names": {"0": "FLAIR"}}))
+    assert dataset_labels(tmp_path) == ()  # one without labels
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "edema": 1, "enhancing": 2}}))
+    assert dataset_labels(tmp_path) == (Label(1, "edema"), Label(2, "enhancing"))
+    (tmp_path / "dataset.json").write_text(json.dumps({"labels": {"0": "background", "1": "edema"}}))
+    assert dataset_labels(tmp_path) == (Label(1, "edema"),)
+
+
+def test_the_labels_a_run_trains(tmp_path, multilabel_phantoms, caplog):
+    data = multilabel_phantoms(tmp_path / "data")
+    cfg = TrainConfig()
+    with caplog.at_level(logging.INFO, logger="medanomaly.data.discover"):
+        assert with_labels(cfg, data).labels == "1=edema,2=enhancing"  # from dataset.json
+    assert "labels from" in caplog.text
+    assert with_labels(replace(cfg, labels="1=a,2=b"), data).labels == "1=a,2=b"  # --labels wins
+    assert with_labels(replace(cfg, task="anomaly"), data).labels is None
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="medanomaly.data.discover"):  # 3D: binary as before, with a note
+        assert with_labels(replace(cfg, model=UNetConfig(dim=3)), data) == replace(cfg, model=UNetConfig(dim=3))
+    assert "not yet supported with --dim 3" in caplog.text
+    (data / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lesion": 1}}))
+    assert with_labels(cfg, data) is cfg  # one label: binary

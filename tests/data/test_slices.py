@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -17,7 +18,18 @@ from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.discover import (
     discover,
 )
-from medanomaly.data.slices import SliceSet, fit, load_slices, normalize, resize, square_padding, to_slices, unfit
+from medanomaly.data import slices
+from medanomaly.data.slices import (
+    SliceSet,
+    fit,
+    fit_mask,
+    load_slices,
+    normalize,
+    resize,
+    square_padding,
+    to_slices,
+    unfit,
+)
 from medanomaly.io import read_image
 
 DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
@@ -259,3 +271,38 @@ def test_normalize_per_channel_by_modality():
     assert not np.allclose(normalize(mr[None], "auto", "nifti", None, ("contrast",)), (mr[None] + 1000) / 2000)
     rgb = rng.integers(0, 256, (3, 8, 8)).astype(np.float32)  # 8-bit rasters: / 255 whatever the names
     assert np.array_equal(normalize(rgb, "auto", "raster", "uint8", ("R", "G", "B")), rgb / 255)
+
+
+def test_masks_of_several_labels_are_kept_as_class_indices(tmp_path, multilabel_phantoms):
+    data = multilabel_phantoms(tmp_path / "data")
+    samples = [s for s in discover(data) if s.case == "case0"]
+    binary = load_slices(samples, 32)
+    labelled = load_slices(samples, 32, labels=[1, 2])
+    assert labelled.masks.dtype == torch.uint8 and set(labelled.masks.unique().tolist()) == {0, 1, 2}
+    torch.testing.assert_close((labelled.masks > 0).to(torch.uint8), binary.masks)  # the same lesions, split by label
+    assert bool(labelled.lesion.all()) and torch.equal(labelled.images, binary.images)
+    assert torch.equal(load_slices(samples, 32, labels=[1, 2, 5]).masks, labelled.masks)  # a label no mask holds
+    with pytest.raises(MedanomalyError, match=r"mask .*case0_0_mask\.png holds the value 1, which none of the labels "
+                                              r"\(2, 5\) names"):
+        load_slices(samples, 32, labels=[2, 5])
+
+
+def test_fitting_a_label_map_keeps_every_label_and_never_mixes_them():
+    mt = torch.zeros((1, 1, 20, 30))
+    mt[0, 0, 2:8, 2:8], mt[0, 0, 10:18, 20:28] = 1, 2  # a non-square slice: padded, then resized
+    out = fit_mask(mt, 16, (1.0, 1.0), classes=2)
+    assert set(out.unique().tolist()) == {0, 1, 2}
+    torch.testing.assert_close((out > 0).to(torch.uint8), fit_mask((mt > 0).float(), 16, (1.0, 1.0)), atol=0, rtol=0)
+
+
+def test_masks_of_several_values_without_labels_train_as_one_lesion_and_say_how_to_split(tmp_path,
+                                                                                        multilabel_phantoms,
+                                                                                        caplog, monkeypatch):
+    data = multilabel_phantoms(tmp_path / "data", dataset_json=False)
+    monkeypatch.setattr(slices, "_NOTED", set())
+    with caplog.at_level(logging.INFO, logger="medanomaly.data.slices"):
+        sl = load_slices(discover(data), 32)
+        load_slices(discover(data), 32)
+    assert set(sl.masks.unique().tolist()) == {0, 1}
+    notes = [r.getMessage() for r in caplog.records if "several label values" in r.getMessage()]
+    assert len(notes) == 1 and "--labels 1=NAME,2=NAME" in notes[0]

@@ -125,3 +125,14 @@ def test_render_with_chromium(tmp_path: Path) -> None:
            f"--screenshot={shot}", "--window-size=1200,2000", path.as_uri()]
     subprocess.run(cmd, check=True, timeout=60, capture_output=True)
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_per_label_table(tmp_path: Path) -> None:
+    labels = [{"label": "edema", "value": 1, "dice": 0.75, "auroc": float("nan")},
+              {"label": "<i>enh</i>", "value": 2, "dice": 0.5, "auroc": 0.9},
+              {"label": "mean over labels", "value": "", "dice": 0.625, "auroc": 0.9}]
+    page = write_report(tmp_path, {"dice": 0.7}, [], labels=labels).read_text()
+    table = page[page.index("<h2>Per label</h2>"):page.index("<h2>Per-case results</h2>")]
+    assert "edema" in table and "&lt;i&gt;enh&lt;/i&gt;" in table and "<i>" not in table  # names escaped
+    assert "0.625" in table and "n/a" in table and table.index("edema") < table.index("mean over labels")
+    assert "Per label" not in write_report(tmp_path, {"dice": 0.7}, []).read_text()  # binary: no such table

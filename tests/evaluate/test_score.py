@@ -1,7 +1,8 @@
 """Scoring (medanomaly.evaluate.score) on hand-made masks whose numbers are checked by hand: the
 Accumulator's per-case pooling, case rows, the summary (pooled, per-case and lesion-wise numbers,
 AUROC), the curves, ``evaluate_predictions`` on a tiny folder of predictions (medanomaly's and
-nnU-Net's names, a CSV listing as the data), and ``evaluate_model`` on its own and on external data."""
+nnU-Net's names, a CSV listing as the data), and ``evaluate_model`` on its own and on external data;
+with several labels, per-label numbers on the two-label phantoms (``multilabel_phantoms``)."""
 
 from __future__ import annotations
 
@@ -9,26 +10,37 @@ import csv
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image as PILImage
 
+from medanomaly.config.labels import Label
+from medanomaly.config.model_file import TrainingSummary, build_model_file, write_model_file
+from medanomaly.config.schema import TrainConfig
+from medanomaly.config.sections import PostprocessParams, UNetConfig
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.evaluate.labels import LABEL_CASE_FIELDS
 from medanomaly.evaluate.score import (
+    CASE_FIELDS,
     EXTERNAL_SPLIT,
     Accumulator,
+    _predict_and_score,
     case_rows,
     curves,
     evaluate_model,
     evaluate_predictions,
+    select,
     summarize,
 )
 from medanomaly.infer.run import predict_paths
 from medanomaly.metrics import functional as M
+from medanomaly.models.unet import UNet
 
 
 def _mask(*boxes: tuple[slice, slice], shape: tuple[int, int] = (4, 4)) -> np.ndarray:
@@ -187,3 +199,103 @@ def test_evaluate_model_on_data_outside_its_split_scores_every_case(tmp_path: Pa
     (model / "splits.json").write_text((data / "splits.json").read_text())  # the training data: its test split
     s = evaluate_model(model, data, tmp_path / "own", progress=False)
     assert (s["split"], s["n_cases"]) == ("test", 1)
+
+
+def _label_predictions(data: Path, preds: Path) -> None:
+    """Label-map predictions of the two-label phantoms (4 cases x 3 slices, 8x8 squares of edema = 1 and
+    enhancing = 2): edema exact everywhere; enhancing: its top half (32 of 64 pixels) in case0-case2,
+    predicted as edema in case3."""
+    for c in range(4):
+        for k in range(3):
+            truth = np.asarray(PILImage.open(data / f"case{c}" / f"case{c}_{k}_mask.png"))
+            pred = truth.copy()
+            bottom = np.zeros(truth.shape, bool)
+            bottom[np.nonzero((truth == 2).any(axis=1))[0][4]:] = True  # below the 4th row of enhancing
+            if c < 3:
+                pred[(truth == 2) & bottom] = 0
+            else:
+                pred[truth == 2] = 1
+            (preds / f"case{c}").mkdir(parents=True, exist_ok=True)
+            PILImage.fromarray(pred).save(preds / f"case{c}" / f"case{c}_{k}_pred.png")
+
+
+def test_evaluate_predictions_per_label(tmp_path: Path, multilabel_phantoms) -> None:
+    data = multilabel_phantoms(tmp_path / "data")  # dataset.json: edema 1, enhancing 2
+    _label_predictions(data, tmp_path / "preds")
+    s = evaluate_predictions(tmp_path / "preds", data, tmp_path / "eval", progress=False)
+    edema, enh = s["labels"]["edema"], s["labels"]["enhancing"]
+    # edema: tp 12 x 64, fp 3 x 64 (case3's enhancing); enhancing: tp 9 x 32, fn 9 x 32 + 3 x 64
+    assert edema["dice"] == pytest.approx(8 / 9) and edema["dice_per_case_mean"] == pytest.approx((3 + 2 / 3) / 4)
+    assert enh["dice"] == pytest.approx(6 / 11) and enh["dice_per_case_mean"] == pytest.approx(0.5)
+    assert edema["lesion_precision"] == pytest.approx(12 / 15) and enh["lesion_sensitivity"] == pytest.approx(9 / 12)
+    assert s["labels_mean"]["dice"] == pytest.approx((8 / 9 + 6 / 11) / 2)
+    assert s["labels_mean"]["dice_per_case_mean"] == pytest.approx((11 / 12 + 1 / 2) / 2)
+    assert s["dice"] == pytest.approx(26 / 29)  # any label against background: 1248 tp, 288 fn
+    assert "auroc" not in edema  # no per-label score maps
+    on_disk = json.loads((tmp_path / "eval" / "summary.json").read_text(), parse_constant=pytest.fail)  # strict JSON
+    assert on_disk["labels"]["enhancing"]["dice"] == pytest.approx(6 / 11)
+    with open(tmp_path / "eval" / "cases.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == LABEL_CASE_FIELDS
+    assert [(r["case"], r["label"], r["value"]) for r in rows[:2]] == [("case0", "edema", "1"), ("case0", "enhancing", "2")]
+    assert len(rows) == 8 and float(rows[-1]["dice"]) == 0.0 and float(rows[-2]["dice"]) == pytest.approx(2 / 3)
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "<h2>Per label</h2>" in page and "mean over labels" in page and "enhancing" in page
+
+
+def test_labels_given_or_none(tmp_path: Path, multilabel_phantoms) -> None:
+    data = multilabel_phantoms(tmp_path / "data", dataset_json=False)
+    _label_predictions(data, tmp_path / "preds")
+    given = evaluate_predictions(tmp_path / "preds", data, tmp_path / "given", progress=False,
+                                 labels="1=edema,2=enhancing")
+    binary = evaluate_predictions(tmp_path / "preds", data, tmp_path / "binary", progress=False)
+    assert given["labels"]["enhancing"]["dice"] == pytest.approx(6 / 11)
+    assert "labels" not in binary and binary["dice"] == given["dice"]  # without labels: any value > 0 is lesion
+    with open(tmp_path / "binary" / "cases.csv") as fh:
+        assert next(csv.reader(fh)) == CASE_FIELDS
+
+
+def test_one_label_in_dataset_json_keeps_the_binary_summary(tmp_path: Path, labelled_phantoms) -> None:
+    data = labelled_phantoms(tmp_path / "data")
+    _write_predictions(tmp_path / "preds")
+    before = evaluate_predictions(tmp_path / "preds", data, tmp_path / "e1", progress=False)
+    (data / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lesion": 1}}))
+    after = evaluate_predictions(tmp_path / "preds", data, tmp_path / "e2", progress=False)
+    assert json.dumps(before, sort_keys=True) == json.dumps(after, sort_keys=True)
+    assert (tmp_path / "e1" / "cases.csv").read_text() == (tmp_path / "e2" / "cases.csv").read_text()
+
+
+def test_a_multilabel_models_predictions_are_scored_per_label(tmp_path: Path, multilabel_phantoms) -> None:
+    """What evaluate --model does with a two-label model: a stand-in predictor marks the bright squares
+    edema and the dim ones enhancing, with one probability map per label (AUROC per label)."""
+    data = multilabel_phantoms(tmp_path / "data")
+
+    def predict(img):
+        a = img.array[0] / img.array[0].max()  # squares: 1 (edema) and 120/220 (enhancing); background < 0.3
+        maps = np.stack([a > 0.8, (a > 0.4) & (a <= 0.8)]).astype(np.float32)
+        return SimpleNamespace(mask=np.where(a > 0.8, 1, np.where(a > 0.4, 2, 0)), score=maps)  # (K, H, W)
+
+    predictor = SimpleNamespace(predict=predict, anomaly=None, dim=2)
+    labels = (Label(1, "edema"), Label(2, "enhancing"))
+    s = summarize(_predict_and_score(predictor, select(data, None, None), data, None, False, labels))
+    for name in ("edema", "enhancing"):
+        assert s["labels"][name]["dice"] == 1.0 and s["labels"][name]["auroc"] == 1.0
+    assert s["labels_mean"]["auroc"] == 1.0 and s["auroc"] == 1.0
+
+
+def test_evaluate_model_of_several_labels(tmp_path: Path, multilabel_phantoms) -> None:
+    """A two-label model (random weights, softmax over background + 2) on its test split: per-label
+    numbers with AUROC from its probability maps, each label's post-processing, rows per case and label."""
+    data = multilabel_phantoms(tmp_path / "data")  # splits.json: test = [case3]
+    cfg = TrainConfig(size=32, model=UNetConfig(width=4, depth=2), precision="fp32", labels="1=edema,2=enhancing")
+    model_file = build_model_file(cfg, 1, PostprocessParams(), TrainingSummary(), {})
+    write_model_file(model_file, tmp_path / "m")
+    torch.manual_seed(0)
+    torch.save(UNet(model_file.model).state_dict(), tmp_path / "m" / "model.pt")
+    s = evaluate_model(tmp_path / "m", data, tmp_path / "eval", progress=False)
+    assert (s["split"], s["n_cases"], list(s["labels"])) == ("test", 1, ["edema", "enhancing"])
+    for entry in s["labels"].values():
+        assert 0.0 <= entry["auroc"] <= 1.0 and 0.0 <= entry["dice"] <= 1.0
+    assert list(s["label_postprocess"]) == ["edema", "enhancing"]
+    with open(tmp_path / "eval" / "cases.csv") as fh:
+        assert [(r["case"], r["label"]) for r in csv.DictReader(fh)] == [("case3", "edema"), ("case3", "enhancing")]

@@ -15,17 +15,20 @@ import torch
 import torch.nn.functional as F
 
 from medanomaly.anomaly.methods import residual_map
-from medanomaly.config.model_file import read_model_file, write_model_file
-from medanomaly.config.sections import AnomalyConfig
+from medanomaly.config.labels import Label
+from medanomaly.config.model_file import TrainingSummary, build_model_file, read_model_file, write_model_file
+from medanomaly.config.schema import TrainConfig
+from medanomaly.config.sections import AnomalyConfig, PostprocessParams, UNetConfig
 from medanomaly.core.atomic import file_sha256
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.slices import normalize, resize
 from medanomaly.data.volumes import resample
 from medanomaly.infer.backend import TorchBackend
 from medanomaly.infer.export import export_onnx
-from medanomaly.infer.predictor import Predictor, probability, score_batch
+from medanomaly.infer.predictor import Predictor, label_map, probability, score_batch
 from medanomaly.infer.sliding import sliding_window
 from medanomaly.io import Geometry, Image, read_image
+from medanomaly.models.unet import UNet
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "model-v1"
 PATCH, SPACING = (8, 16, 16), (2.0, 2.0, 2.0)
@@ -252,3 +255,38 @@ def test_models_without_a_geometry_record_use_volumes_as_stored(tmp_path, make_m
     with torch.inference_mode():  # the stored axis 0 (sagittal) sliced, as before
         flat = p._slice_scores(normalize(sagittal.array, "auto", "nifti"), (3.0, 1.0))  # (Z, Y) mm pixels
     np.testing.assert_allclose(got, flat, atol=1e-6, rtol=0)
+
+
+def _labels_model_dir(path: Path, posts=None) -> Path:
+    """A 2D model of two labels (1=edema, 2=enhancing; size 32, width 4, depth 2) with random weights."""
+    cfg = TrainConfig(size=32, model=UNetConfig(width=4, depth=2), precision="fp32", labels="1=edema,2=enhancing")
+    mf = build_model_file(cfg, 1, PostprocessParams(), TrainingSummary(), {},
+                          label_posts=posts or (PostprocessParams(threshold=0.3), PostprocessParams(threshold=0.3)))
+    path.mkdir(parents=True)
+    write_model_file(mf, path)
+    torch.manual_seed(0)
+    torch.save(UNet(mf.model).state_dict(), path / "model.pt")
+    return path
+
+
+def test_label_map_takes_each_labels_mask_and_gives_overlaps_to_the_most_probable():
+    scores = np.array([[[0.6, 0.6, 0.1, 0.2]], [[0.1, 0.7, 0.1, 0.45]]], np.float32)  # (K=2, 1, 4)
+    posts = (PostprocessParams(threshold=0.5), PostprocessParams(threshold=0.4))
+    out = label_map(scores, posts, (Label(1, "a"), Label(4, "b")))
+    np.testing.assert_array_equal(out, [[1, 4, 0, 4]])  # pixel 1: both above, label 4 more probable
+    assert out.dtype == np.uint8
+
+
+def test_a_model_of_several_labels_gives_one_probability_map_per_label_and_a_label_map(tmp_path):
+    predictor = Predictor(_labels_model_dir(tmp_path / "m"))
+    assert predictor.classes == 3 and [lb.value for lb in predictor.labels] == [1, 2]
+    image = raster(np.random.default_rng(0).integers(0, 255, (1, 24, 40)))  # not square: padded, then cropped back
+    scores = predictor.scores(image)
+    assert scores.shape == (2, 24, 40) and scores.dtype == np.float32
+    assert scores.min() >= 0 and float(scores.sum(0).max()) <= 1 + 1e-5  # softmax: labels + background = 1
+    pred = predictor.predict(image)
+    assert pred.labels == predictor.labels and pred.mask.dtype == np.uint8 and pred.mask.shape == (24, 40)
+    np.testing.assert_array_equal(pred.mask, label_map(scores, predictor.label_posts, predictor.labels,
+                                                       image.array.mean(0)))
+    vol = predictor.scores(volume((3, 20, 24)))  # a volume, slice by slice: (K, Z, Y, X)
+    assert vol.shape == (2, 3, 20, 24)

@@ -4,6 +4,7 @@ files and regions record written for one 2D or 3D prediction."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -12,10 +13,12 @@ import pytest
 import tifffile
 from PIL import Image as PILImage
 
+from medanomaly.config.labels import Label
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.infer.overlay import overlay_rgb
 from medanomaly.infer.predictor import Prediction
 from medanomaly.infer.write import (
+    LABEL_RGB,
     check_output_dir,
     check_outputs,
     iter_inputs,
@@ -27,6 +30,7 @@ from medanomaly.infer.write import (
     write_prediction,
 )
 from medanomaly.io import read_image
+from medanomaly.io.dicomseg_labels import read_dicom_seg_labels
 
 
 def _png(path: Path, value: int = 100, size: tuple[int, int] = (8, 10)) -> Path:
@@ -149,3 +153,61 @@ def test_prediction_files_by_every_naming(tmp_path):
     _png(preds / "imagesTs" / "c1_0000_score.tif")
     assert prediction_files(preds, tmp_path / "data", image, [], {}) == [flat, ours]  # two: ambiguous
     assert score_file(ours, {}) == preds / "imagesTs" / "c1_0000_score.tif" and score_file(flat, {}) is None
+
+
+def _labels_prediction(image, shape: tuple[int, ...]) -> Prediction:
+    """Two labels (1 edema, 2 NCR/NET): edema a 2 x 3 region, NCR/NET a 1 x 2 one."""
+    score = np.zeros((2, *shape), np.float32)
+    mask = np.zeros(shape, np.uint8)
+    score[(0, *np.s_[1:3, 2:5])] = 0.9
+    mask[1:3, 2:5] = 1
+    score[(1, *np.s_[4:5, 0:2])] = 0.8
+    mask[4:5, 0:2] = 2
+    return Prediction(image, score, mask, (Label(1, "edema"), Label(2, "NCR/NET")))
+
+
+def test_several_labels_write_a_label_map_one_score_map_per_label_and_regions_per_label(tmp_path):
+    image = read_image(_png(tmp_path / "scan.png", size=(6, 7)))
+    pred = _labels_prediction(image, (6, 7))
+    record = write_prediction(pred, tmp_path / "out" / "scan")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "scan_overlay.png", "scan_pred.png", "scan_score_NCR-NET.tif", "scan_score_edema.tif"]
+    np.testing.assert_array_equal(np.asarray(PILImage.open(tmp_path / "out" / "scan_pred.png")), pred.mask)  # values
+    np.testing.assert_array_equal(tifffile.imread(tmp_path / "out" / "scan_score_edema.tif"), pred.score[0])
+    overlay = np.asarray(PILImage.open(tmp_path / "out" / "scan_overlay.png"))
+    assert tuple(overlay[1, 2]) == LABEL_RGB[0] and tuple(overlay[4, 0]) == LABEL_RGB[1]  # a colour per label
+    assert [(r["label_value"], r["label_name"], r["area_px"]) for r in record["regions"]] == [
+        (1, "edema", 6), (2, "NCR/NET", 2)]
+    assert [p for _, p in iter_inputs([tmp_path / "out"])] == []  # per-label score maps are outputs, not inputs
+
+
+def test_several_labels_in_a_volume_keep_the_geometry_and_values_and_nnunet_names(tmp_path):
+    affine = np.diag([0.5, 0.5, 2.0, 1.0])
+    nib.save(nib.Nifti1Image(np.zeros((7, 6, 3), np.float32), affine), tmp_path / "vol.nii.gz")
+    image = read_image(tmp_path / "vol.nii.gz")  # (1, 3, 6, 7)
+    score = np.zeros((2, 3, 6, 7), np.float32)
+    mask = np.zeros((3, 6, 7), np.uint8)
+    mask[1, 1:3, 2:5], mask[2, 4, 0:2] = 1, 2
+    pred = Prediction(image, score, mask, (Label(1, "edema"), Label(2, "enhancing")))
+    write_prediction(pred, tmp_path / "a" / "vol")
+    back = nib.load(tmp_path / "a" / "vol_pred.nii.gz")
+    np.testing.assert_array_equal(back.affine, affine)
+    np.testing.assert_array_equal(np.asarray(back.dataobj), mask.transpose(2, 1, 0))
+    assert nib.load(tmp_path / "a" / "vol_score_enhancing.nii.gz").shape == (7, 6, 3)
+    write_prediction(pred, tmp_path / "b" / "vol", naming="nnunet")
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["vol.nii.gz"]
+    np.testing.assert_array_equal(np.asarray(nib.load(tmp_path / "b" / "vol.nii.gz").dataobj), mask.transpose(2, 1, 0))
+
+
+@pytest.mark.shared_data("dicom-series/mr-gre-fieldmap-axial")
+def test_several_labels_of_a_dicom_series_give_a_seg_of_one_segment_per_label(tmp_path):
+    series = Path(os.environ["MEDANOMALY_SHARED_DATA"]) / "dicom-series" / "mr-gre-fieldmap-axial"
+    image = read_image(series)
+    mask = np.zeros(image.spatial_shape, np.uint8)
+    mask[3, 10:20, 10:20], mask[20, 30:40, 5:9] = 1, 3
+    pred = Prediction(image, np.zeros((2, *mask.shape), np.float32), mask, (Label(1, "edema"), Label(3, "necrosis")))
+    record = write_prediction(pred, tmp_path / "out" / "series", dicom_seg=True)
+    assert record["dicom_seg"] == "series_seg.dcm"
+    segments, names = read_dicom_seg_labels(tmp_path / "out" / "series_seg.dcm", series)
+    assert names == ("edema", "necrosis")
+    np.testing.assert_array_equal(segments, np.select([mask == 1, mask == 3], [1, 2], 0))

@@ -268,3 +268,53 @@ def test_dice_symmetric_bounded_and_self_one(pair: tuple[np.ndarray, np.ndarray]
     assert M.dice(M.get_stats(a, a)) == 1.0
     s = M.get_stats(a, b)
     assert s.tp + s.fp + s.fn + s.tn == a.size
+
+
+# Several labels, a 4x4 label map by hand:
+# pred:       truth:
+#  1 1 0 0     1 1 0 0      label 1: pred 3 px, truth 4 px: tp 3, fp 0, fn 1, tn 12
+#  1 0 0 0     1 1 0 0      label 2: pred 4 px, truth 2 px: tp 2, fp 2, fn 0, tn 12
+#  0 0 2 2     0 0 2 0      label 3: absent from both: tn 16
+#  0 0 2 2     0 0 2 0
+LABEL_PRED = np.array([[1, 1, 0, 0], [1, 0, 0, 0], [0, 0, 2, 2], [0, 0, 2, 2]])
+LABEL_TRUTH = np.array([[1, 1, 0, 0], [1, 1, 0, 0], [0, 0, 2, 0], [0, 0, 2, 0]])
+
+
+def test_label_stats_hand_example() -> None:
+    stats = M.label_stats(LABEL_PRED, LABEL_TRUTH, [1, 2, 3])
+    assert stats == {1: Stats(3, 0, 1, 12), 2: Stats(2, 2, 0, 12), 3: Stats(0, 0, 0, 16)}
+    assert M.dice(stats[1]) == pytest.approx(6 / 7) and M.dice(stats[2]) == pytest.approx(4 / 6)
+    assert M.dice(stats[3]) == 1.0  # a label absent from both: a correct "nothing here"
+    assert M.overlap_metrics(stats[2]) == pytest.approx(
+        {"dice": 2 / 3, "iou": 2 / 4, "sensitivity": 1.0, "specificity": 12 / 14, "precision": 2 / 4})
+
+
+def test_label_lesion_stats_hand_example() -> None:
+    ls = M.label_lesion_stats(LABEL_PRED, LABEL_TRUTH, [1, 2])
+    assert ls[1] == {"n_true": 1, "n_pred": 1, "tp_true": 1, "tp_pred": 1}
+    assert ls[2] == {"n_true": 1, "n_pred": 1, "tp_true": 1, "tp_pred": 1}
+
+
+def test_label_stats_of_one_label_are_the_binary_stats() -> None:
+    rng = np.random.default_rng(0)
+    pred, truth = rng.random((2, 9, 7)) > 0.6
+    assert M.label_stats(pred, truth, [1]) == {1: M.get_stats(pred, truth)}
+    assert M.label_lesion_stats(pred.astype(np.uint8), truth, [1]) == {1: M.lesion_stats(pred, truth)}
+
+
+def test_label_maps_must_hold_non_negative_integers() -> None:
+    with pytest.raises(ValueError, match="integer label values"):
+        M.label_stats(LABEL_PRED * 0.5, LABEL_TRUTH, [1])
+    with pytest.raises(ValueError, match="negative"):
+        M.label_stats(-LABEL_PRED, LABEL_TRUTH, [1])
+    with pytest.raises(ValueError, match="shape"):
+        M.label_stats(LABEL_PRED, LABEL_TRUTH[:3], [1])
+    assert M.as_label_map(np.array([0.0, 2.0])).dtype == np.int64
+
+
+def test_mean_over_labels_leaves_nan_out() -> None:
+    nan = float("nan")
+    mean = M.mean_over_labels([{"dice": 1.0, "sensitivity": nan, "auroc": nan, "name": "a"},
+                               {"dice": 0.5, "sensitivity": 0.25, "auroc": nan, "name": "b"}])
+    assert mean["dice"] == 0.75 and mean["sensitivity"] == 0.25 and math.isnan(mean["auroc"])
+    assert "name" not in mean and M.mean_over_labels([]) == {}

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from medanomaly.models.losses import LOSSES, bce, bce_dice, get_loss, soft_dice
+from medanomaly.models.losses import LOSSES, bce, bce_dice, ce, get_loss, one_hot, soft_dice, soft_dice_labels
 
 BIG = 50.0
 
@@ -117,3 +117,33 @@ def test_half_precision_logits_computed_in_float32():
     target = _target(10)
     loss = get_loss("bce+dice")(torch.zeros_like(target).half(), target)
     assert loss.dtype == torch.float32
+
+
+def test_one_hot_gives_one_indicator_per_label_background_none():
+    labels = torch.tensor([[[[0, 1], [2, 2]]]])
+    t = one_hot(labels, 3)
+    assert t.shape == (1, 2, 2, 2)
+    torch.testing.assert_close(t[0], torch.tensor([[[0.0, 1.0], [0.0, 0.0]], [[0.0, 0.0], [1.0, 1.0]]]))
+
+
+def test_several_labels_losses_by_hand():
+    labels = torch.randint(0, 3, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    target = one_hot(labels, 3)
+    perfect = torch.nn.functional.one_hot(labels[:, 0], 3).permute(0, 3, 1, 2).float() * BIG
+    for name in LOSSES:
+        assert get_loss(name, classes=3)(perfect, target).item() == pytest.approx(0.0, abs=1e-4), name
+    zeros = torch.zeros((2, 3, 8, 8))
+    assert ce(zeros, target).item() == pytest.approx(math.log(3), abs=1e-6)  # uniform softmax over 3 classes
+    expected = 0.3 * ce(zeros, target) + 0.7 * soft_dice_labels(zeros, target)
+    assert get_loss("bce+dice", 0.3, classes=3)(zeros, target).item() == pytest.approx(expected.item())
+    assert get_loss("bce", classes=3) is ce and get_loss("dice", classes=3) is soft_dice_labels
+
+
+def test_soft_dice_of_several_labels_is_the_mean_over_the_labels():
+    target = torch.zeros((1, 2, 4, 4))
+    target[0, 0, :2] = 1.0  # label 1: the top half; label 2: nowhere
+    logits = torch.zeros((1, 3, 4, 4))
+    logits[0, 1, :2], logits[0, 0, 2:] = BIG, BIG  # label 1 exactly right; label 2 never predicted: Dice (0+1)/(0+1)
+    assert soft_dice_labels(logits, target).item() == pytest.approx(0.0, abs=1e-4)
+    logits[0, 2] = 2 * BIG  # label 2 everywhere: its Dice 1 / (16 + 1), label 1's 1 / (8 + 1)
+    assert soft_dice_labels(logits, target).item() == pytest.approx(1 - (1 / 17 + 1 / 9) / 2, abs=1e-4)

@@ -5,14 +5,18 @@ for the intensity baseline, and checks an --init model's channels."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import grimp
+import numpy as np
 import pytest
 import torch
+from PIL import Image as PILImage
 
 from medanomaly.apps import api
 from medanomaly.config import schema as config
+from medanomaly.config.model_file import read_model_file
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.train import prepare as prepare_mod
 from medanomaly.train import run
@@ -144,3 +148,44 @@ def test_the_model_file_states_epochs_images_seen_and_the_plans_minimum(phantoms
     api.train_with_config(phantoms, tmp_path / "p", planned, progress=False)
     training = json.loads((tmp_path / "p" / "model.json").read_text())["training"]
     assert (training["plan_images_per_s"], training["min_images"], training["images_seen"]) == (50.0, MIN_IMAGES, 12)
+
+
+def _weights(cli, data, out, *flags) -> dict[str, torch.Tensor]:
+    rc, err = cli("train", data, "--out", out, "--no-plan", "--size", "32", "--width", "4", "--depth", "2", "--epochs",
+                  "1", "--batch-size", "2", "--device", "cpu", *flags)
+    assert rc == 0, err
+    return torch.load(out / "model.pt", weights_only=True)
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_binary_runs_are_bit_identical_with_one_label_or_with_masks_of_several_values(tmp_path, cli,
+                                                                                     labelled_phantoms,
+                                                                                     multilabel_phantoms):
+    """Binary stays binary, to the bit: one label named (--labels or dataset.json) trains the weights of
+    no label named; masks holding 1 and 2 without labels train as their 0/255 binarisation."""
+    data = labelled_phantoms(tmp_path / "binary")
+    plain = _weights(cli, data, tmp_path / "m0")
+    assert _same(plain, _weights(cli, data, tmp_path / "m1", "--labels", "1=lesion"))
+    (data / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "lesion": 1}}))
+    assert _same(plain, _weights(cli, data, tmp_path / "m2"))
+    several = multilabel_phantoms(tmp_path / "several", dataset_json=False)
+    binarised = shutil.copytree(several, tmp_path / "binarised")
+    for mask in binarised.rglob("*_mask.png"):
+        PILImage.fromarray(((np.asarray(PILImage.open(mask)) > 0) * 255).astype(np.uint8)).save(mask)
+    assert _same(_weights(cli, several, tmp_path / "m3"), _weights(cli, binarised, tmp_path / "m4"))
+    assert read_model_file(tmp_path / "m3").labels == () and "labels" not in json.loads(
+        (tmp_path / "m3" / "model.json").read_text())
+
+
+def test_several_labels_train_a_softmax_network_of_labels_plus_background(tmp_path, cli, multilabel_phantoms):
+    data = multilabel_phantoms(tmp_path / "data")
+    weights = _weights(cli, data, tmp_path / "m", "--labels", "1=edema,2=enhancing")
+    out_conv = [v for k, v in weights.items() if v.ndim == 4][-1]  # the last convolution: the output layer
+    assert out_conv.shape[0] == 3
+    saved = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert saved["labels"] == "1=edema,2=enhancing"
+    metrics = (tmp_path / "m" / "metrics.csv").read_text().splitlines()
+    assert len(metrics) == 2 and "nan" not in metrics[1]  # one epoch, a finite loss and validation score

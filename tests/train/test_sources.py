@@ -151,3 +151,44 @@ def test_precision_3d_keeps_fp32():
     model = _net(3)
     assert sources.precision_3d(model, _cfg3d(), CPU, 1) == "fp32"
 
+
+
+class _Classes(torch.nn.Module):
+    """Three softmax logits: label 1 where the image is above 0.75, label 2 where in (0.25, 0.75], else background."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :1]
+        return torch.cat([(x <= 0.25).float(), (x > 0.75).float(), ((x > 0.25) & (x <= 0.75)).float()], 1) * 9 * self.w
+
+
+def test_validation_of_several_labels_averages_each_labels_mean_case_dice():
+    val = _slices(2, lesion_every=1, cases=2)  # c0: slice 0, c1: slice 1; both hold label 1 at 4:10, 4:10
+    val.masks[:, 0, 12:14, 12:14] = 2  # and label 2 at 12:14, 12:14
+    val.images = torch.zeros_like(val.images)
+    val.images[:, 0, 4:10, 4:10] = 1.0  # label 1 found in both
+    val.images[0, 0, 12:14, 12:14] = 0.5  # label 2 found in c0 only
+    loss_fn = get_loss("bce+dice", 0.5, classes=3)
+    loss, score = sources.validate_slices(_Classes(), val, loss_fn, "fp32", CPU, classes=3)
+    assert math.isfinite(loss) and score == pytest.approx((1.0 + (1.0 + 0.0) / 2) / 2)
+
+
+def test_a_step_of_several_labels_moves_each_label_with_the_image():
+    seen = {}
+
+    def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        seen["target"] = target
+        return logits.float().mean()
+
+    masks = torch.zeros((2, 1, 16, 16))
+    masks[:, 0, 2:6, 2:6], masks[:, 0, 9:14, 9:14] = 1, 2
+    cfg = _cfg(labels="1=a,2=b")
+    net = UNet(UNetConfig(out_channels=3, width=4, depth=2)).train()
+    sources.step_loss(net, torch.rand((2, 1, 16, 16)), masks, cfg, torch.Generator().manual_seed(0), CPU, "fp32",
+                      loss_fn)
+    target = seen["target"]
+    assert target.shape == (2, 2, 16, 16) and set(target.unique().tolist()) <= {0.0, 1.0}
+    assert float((target.sum(1) > 1).sum()) == 0  # augmentation never gives a pixel two labels

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path, PurePath
 from typing import Any
@@ -207,19 +207,24 @@ def predict(model: Model | str | Path, inputs: str | Path | list[str | Path], ou
 
 def evaluate(model_or_pred: Model | str | Path, data: str | Path, out: str | Path, *, split: str | None = None,
              splits: str | Path | None = None, device: str = "auto", progress: bool = True, overwrite: bool = False,
-             predictions: bool | None = None) -> dict:
+             predictions: bool | None = None, labels: str | Sequence[tuple[int, str]] | None = None) -> dict:
     """Score a model, or a folder of predictions, on the labelled images of ``data`` and write
     summary.json, per-case results and report.html into ``out``; returns the summary dict
     (``dice_per_case_mean``, ``dice``, ``auroc``...). A model (a :class:`Model`, or a folder with
     model.json or config.json; ``predictions=True`` says it is predictions) is scored on its test
-    split by default, predictions on every image; ``split`` names another ('all': every image)."""
+    split by default, predictions on every image; ``split`` names another ('all': every image).
+    ``labels`` (predictions only; ``"1=edema,2=enhancing"``, default: DATA/dataset.json's): label maps
+    scored per label (summary ``labels``); a multi-label model scores its own labels."""
     which = None if split == "all" else split
     if predictions is None:
         predictions = not isinstance(model_or_pred, Model) and not any(
             (Path(model_or_pred) / name).is_file() for name in ("model.json", "config.json"))
     if predictions:
         return evaluate_predictions(_model_dir(model_or_pred), data, out, split=which, splits_file=splits,
-                                    progress=progress, overwrite=overwrite)
+                                    progress=progress, overwrite=overwrite, labels=labels)
+    if labels:
+        raise MedanomalyError("--labels is for scoring predictions (--pred); a model scores the labels it was "
+                              "trained on (its model.json 'labels'): leave out --labels")
     return evaluate_model(_model_dir(model_or_pred), data, out, split="test" if split is None else which,
                           splits_file=splits, device=str(resolve_device(device)), progress=progress,
                           overwrite=overwrite)

@@ -101,8 +101,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     given = args.model if args.model is not None else args.pred
     summary = api.evaluate(given, args.data, args.out, split=args.split, splits=args.splits, device=args.device,
-                           progress=not args.quiet, overwrite=args.overwrite, predictions=args.model is None)
+                           progress=not args.quiet, overwrite=args.overwrite, predictions=args.model is None,
+                           labels=args.labels)
     say(jsonio.dumps({k: summary.get(k) for k in SUMMARY_KEYS}, indent=1))
+    for name, entry in summary.get("labels", {}).items():  # several labels: each label's own Dice
+        say(f"label {entry['value']} {name}: Dice {entry['dice']:.3f}, per case {entry['dice_per_case_mean']:.3f}")
     say(f"report: {args.out / 'report.html'}")
     return 0
 

@@ -49,11 +49,10 @@ TRAIN_KEYS = {
     "target_fpr": "anomaly.target_fpr", "init": "init", "freeze_encoder_epochs": "freeze_encoder_epochs",
     "synthetic_lesions": "synthetic_lesions", "unlabelled": "unlabelled", "unlabelled_method": "unlabelled_method",
     "pretrain_share": "pretrain_share", "extra": "extra", "dim": "model.dim", "patch": "patch", "spacing": "spacing",
-    "patches_per_epoch": "patches_per_epoch", "tensorboard": "tensorboard",
+    "patches_per_epoch": "patches_per_epoch", "tensorboard": "tensorboard", "labels": "labels",
 }
 #: the --device help of every command that runs a network
 DEVICE_HELP = f"{DEVICE_NAMES}; auto: the first GPU if there is one, else the CPU (default: auto)"
-
 
 
 def shown(value: Any) -> str:
@@ -167,6 +166,10 @@ def _add_train_task(p: argparse.ArgumentParser) -> None:  # declarative
     p.add_argument("--target-fpr", type=_k("anomaly.target_fpr"),
                    help="anomaly: label-free threshold at this pixel false-positive rate on normal val images "
                         f"{_d('anomaly.target_fpr')}")
+    p.add_argument("--labels", type=_k("labels"), metavar="V=NAME,...",
+                   help="supervised 2D: the lesion labels of the masks, e.g. 1=edema,2=enhancing,3=necrosis: one "
+                        "output per label (softmax), label-map predictions (default: DATA/dataset.json 'labels', "
+                        "else one lesion label, any mask value > 0)")
     p.add_argument("--init", type=_k("init"),
                    help="start from local weights: a medanomaly model directory (e.g. from 'pretrain') "
                         "or a .pt state dict; matching tensors are loaded, the others listed")
@@ -295,6 +298,9 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:  # declarative
                    help="train, val, test or all (default: test with --model, all with --pred)")
     p.add_argument("--splits", type=PATH_ARG,
                    help="split file (default: the model's splits.json, else DATA/splits.json)")
+    p.add_argument("--labels", type=_k("labels"), metavar="V=NAME,...",
+                   help="with --pred: label maps scored per label, e.g. 1=edema,2=enhancing (default: DATA/dataset.json "
+                        "'labels' if several, else binary: any value > 0 is lesion); a --model scores its own labels")
     p.add_argument("--out", type=PATH_ARG, required=True, help="output folder, outside DATA, MODEL and PRED")
     p.add_argument("--overwrite", action="store_true", help="replace an earlier evaluation in --out")
     p.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)

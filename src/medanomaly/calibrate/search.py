@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from medanomaly.calibrate.maps import choose_map
-from medanomaly.calibrate.thresholds import calibrate_anomaly, search
+from medanomaly.calibrate.thresholds import calibrate_anomaly, calibrate_labels, search
 from medanomaly.calibrate.val import val_predictions, val_samples
 from medanomaly.config import schema as config_mod
+from medanomaly.config.labels import parse_labels, several
 from medanomaly.config.model_file import (
     FILE_NAME,
     WEIGHTS_FILE,
@@ -53,30 +54,42 @@ def calibrate_and_save(out: Path, cfg: TrainConfig, data: Path, in_channels: int
     network of ``out/model.pt`` (its SHA-256 recorded in the model file) exactly as predict will,
     from the model file in memory; model.json is written last. ``best_epoch``/``best_val``: the
     training summary (-1/NaN when nothing was trained). Returns the chosen post-processing."""
-    training = TrainingSummary(best_epoch, best_val, "mean per-case Dice at 0.5 (training size)"
-                               if cfg.task == "supervised" else f"minus the {cfg.anomaly.method} training loss on "
-                               "normal val slices", **training_facts(out, cfg))
+    training = TrainingSummary(best_epoch, best_val, _val_score(cfg), **training_facts(out, cfg))
     digest = _weights_digest(out, build_model_file(cfg, in_channels, PostprocessParams(), training, {}))
     train_cases = set(json.loads((out / "splits.json").read_text())["train"])
     train_samples = [s for s in discover(data) if s.case in train_cases]
     geometry = training_geometry(train_samples)  # orientation, spacing
     names = channel_names_of(train_samples)  # e.g. FLAIR, T1: predict refuses other channels by name
 
-    def model_file(cfg: TrainConfig, post: PostprocessParams | None = None,
-                   calibration: dict[str, Any] | None = None) -> ModelFile:
+    def model_file(cfg: TrainConfig, post: PostprocessParams | None = None, calibration: dict[str, Any] | None = None,
+                   label_posts: tuple[PostprocessParams, ...] = ()) -> ModelFile:
         return build_model_file(cfg, in_channels, post or PostprocessParams(), training, calibration or {}, digest,
-                                geometry, names)
+                                geometry, names, label_posts)
 
     if cfg.task == "anomaly":
         cfg, map_choice = choose_map(out, data, cfg, device, model_file(cfg))
         best, calibration = calibrate_anomaly(val_predictions(out, data, device, False, progress, model_file(cfg)), cfg)
         calibration["map_selection"] = map_choice
+    elif several(cfg.labels):
+        label_posts, calibration = calibrate_labels(val_predictions(out, data, device, True, progress, model_file(cfg)),
+                                                    parse_labels(cfg.labels))
+        write_model_file(model_file(cfg, None, calibration, label_posts), out)  # last: the directory is finished
+        return PostprocessParams()
     else:
         best, calibration = _calibrate_supervised(out, data, device, progress, model_file(cfg))
     log.info("post-processing chosen on val: %s (%s)", best.to_dict(),
              {k: v for k, v in calibration.items() if k not in ("map_selection", "trials")})
     write_model_file(model_file(cfg, best, calibration), out)  # last: the directory is now finished
     return best
+
+
+def _val_score(cfg: TrainConfig) -> str:
+    """What the training record's best validation score measures."""
+    if cfg.task == "anomaly":
+        return f"minus the {cfg.anomaly.method} training loss on normal val slices"
+    if several(cfg.labels):
+        return "mean over the labels of the mean per-case Dice of the most probable class (training size)"
+    return "mean per-case Dice at 0.5 (training size)"
 
 
 def _weights_digest(out: Path, model_file: ModelFile) -> str | None:

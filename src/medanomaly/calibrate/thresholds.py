@@ -4,6 +4,7 @@ on score maps already computed at the images' original size.
 - :func:`search` (supervised): maximises the mean per-case Dice (the number users report) by
   coordinate ascent: threshold x minimum component size first, then hole filling, then boundary
   smoothing, each kept only if it improves the Dice by more than 1e-9.
+- :func:`calibrate_labels` (several labels): :func:`search` for each label on its own probability.
 - :func:`calibrate_anomaly`: the threshold at a target false-positive rate of the foreground pixels
   of normal images, or, where val has lesion masks, the threshold and minimum component size with
   the best pooled Dice.
@@ -18,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from medanomaly.config.labels import Label
 from medanomaly.config.schema import TrainConfig
 from medanomaly.config.sections import PostprocessParams
 from medanomaly.data.foreground import foreground_mask
@@ -66,6 +68,25 @@ def search(scores: list[np.ndarray], truths: list[np.ndarray], cases: list[str],
         if value > best_value + 1e-9:
             best, best_value = cand, value
     return best, best_value, trials
+
+
+def calibrate_labels(v: dict[str, list], labels: tuple[Label, ...]) -> tuple[tuple[PostprocessParams, ...],
+                                                                              dict[str, Any]]:
+    """Several labels: :func:`search` for each label on its own probability maps (``v["scores"]``:
+    (K, *S) per image) against its own truth (``v["truths"]``: label maps, compared with the label's
+    value). Returns (each label's post-processing, the calibration record)."""
+    posts, records = [], []
+    for k, label in enumerate(labels):
+        best, value, trials = search([s[k] for s in v["scores"]], [t == label.value for t in v["truths"]],
+                                     v["cases"], v["images"])
+        posts.append(best)
+        records.append({"value": label.value, "name": label.name, "mean_case_dice": value,
+                        "mean_case_dice_at_0.5": next(t["mean_case_dice"] for t in trials
+                                                      if t["threshold"] == 0.5 and t["min_size"] == 0),
+                        "trials": len(trials)})
+    return tuple(posts), {"split": "val", "objective": "mean per-case Dice of each label", "n_images": len(v["scores"]),
+                          "n_cases": len(set(v["cases"])),
+                          "mean_case_dice": float(np.mean([r["mean_case_dice"] for r in records])), "labels": records}
 
 
 def calibrate_anomaly(v: dict[str, list], cfg: TrainConfig) -> tuple[PostprocessParams, dict[str, Any]]:

@@ -18,7 +18,7 @@ from medanomaly.core.progress import track
 from medanomaly.data.discover import Sample, discover, read_sample
 from medanomaly.infer.predictor import Predictor
 from medanomaly.infer.volume import iter_volumes
-from medanomaly.io import read_mask
+from medanomaly.io import read_label_map, read_mask
 
 
 def val_samples(out: Path, data: Path, labelled_only: bool = True) -> list[Sample]:
@@ -33,16 +33,19 @@ def val_predictions(out: Path, data: Path, device: torch.device | str, labelled_
                     progress: bool, model_file: ModelFile | None = None) -> dict[str, list]:
     """Lists "scores" (float32 maps), "truths" (bool, all False without a mask), "cases", "images"
     (grey, channels averaged) and "labelled" of the val split, each of the image's own shape, as the
-    model ``model_file`` (default: ``out/model.json``) predicts them."""
+    model ``model_file`` (default: ``out/model.json``) predicts them. A model of several labels gives
+    (K, *S) maps, one per label, and label maps (the label values) as truths."""
     predictor = Predictor(out, device, model_file=model_file)
     samples = val_samples(out, data, labelled_only)
     if predictor.dim == 3:  # whole volumes (stacked slices too), post-processed in 3D
         return _val_volumes(predictor, samples, progress)
     res: dict[str, list] = {"scores": [], "truths": [], "cases": [], "images": [], "labelled": []}
+    several = bool(predictor.model_file.labels)
     for s in track(samples, desc="calibrating", unit="img", enabled=progress):
         img = read_sample(s)
         res["scores"].append(predictor.scores(img))
-        res["truths"].append(read_mask(s.mask, like=img) if s.mask else np.zeros(img.spatial_shape, bool))
+        read = read_label_map if several else read_mask  # several labels: truths are label maps (values)
+        res["truths"].append(read(s.mask, like=img) if s.mask else np.zeros(img.spatial_shape, bool))
         res["cases"].append(s.case)
         res["images"].append(img.array.mean(axis=0))
         res["labelled"].append(s.mask is not None)

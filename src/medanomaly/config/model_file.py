@@ -15,6 +15,8 @@ and the ``medanomaly_version`` that wrote it:
   weights file the calibration ran on, which the predictor checks before using it.
 - ``geometry``: the training data's orientation and spacing (:data:`GEOMETRY_KEYS`); ``predict``
   reorients volumes when it names an orientation and warns about inputs far from it.
+- ``labels`` (several labels only): ``{"value", "name", "postprocess"}`` per label, its post-processing
+  chosen on val (:mod:`medanomaly.config.labels`); the network has ``len(labels) + 1`` softmax outputs.
 
 The file is written last, atomically, once calibration has succeeded: a directory without it (or
 with the ``calibration: {"status": "pending"}`` placeholder of earlier releases) is unfinished, and
@@ -35,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from medanomaly.config import schema
+from medanomaly.config.labels import Label, labels_record, parse_labels, read_labels_record, several
 from medanomaly.config.options import NORMALIZATIONS, PRECISIONS, TASKS
 from medanomaly.config.schema import TrainConfig
 from medanomaly.config.sections import AnomalyConfig, PostprocessParams, UNetConfig
@@ -151,6 +154,8 @@ class ModelFile:
     calibration: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str | None = None  # of model.pt (None: not recorded, as in version 1 files)
     geometry: dict[str, Any] = field(default_factory=dict)  # the training data's (see GEOMETRY_KEYS); {}: older files
+    labels: tuple[Label, ...] = ()  # several labels (two or more), in value order; (): binary
+    label_posts: tuple[PostprocessParams, ...] = ()  # each label's post-processing, chosen on val
     medanomaly_version: str = __version__
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT
@@ -183,32 +188,40 @@ class ModelFile:
             d["weights"] = {"file": WEIGHTS_FILE, "sha256": self.weights_sha256}
         if self.geometry:
             d["geometry"] = dict(self.geometry)
+        if self.labels:
+            d["labels"] = labels_record(self.labels, list(self.label_posts))
         return d
 
 
-def network_out_channels(task: str, method: str, in_channels: int) -> int:
-    """Channels the network returns: 1 logit map (supervised, anomaly method 'synthetic') or a
-    reconstruction of the ``in_channels`` input channels (the other anomaly methods)."""
-    return 1 if task == "supervised" or method == "synthetic" else in_channels
+def network_out_channels(task: str, method: str, in_channels: int, labels: int = 0) -> int:
+    """Channels the network returns: 1 logit map (supervised, anomaly method 'synthetic'), background
+    + each label (supervised, ``labels`` >= 2) or a reconstruction of the ``in_channels`` input channels."""
+    if task == "supervised":
+        return labels + 1 if labels >= 2 else 1
+    return 1 if method == "synthetic" else in_channels
 
 
 def build_model_file(cfg: TrainConfig, in_channels: int, post: PostprocessParams, training: TrainingSummary,
                      calibration: dict[str, Any], weights_sha256: str | None = None,
-                     geometry: dict[str, Any] | None = None, channel_names: tuple[str, ...] = ()) -> ModelFile:
+                     geometry: dict[str, Any] | None = None, channel_names: tuple[str, ...] = (),
+                     label_posts: tuple[PostprocessParams, ...] = ()) -> ModelFile:
     """The model file of a run trained with ``cfg`` (its ``anomaly`` section holding the map settings
     chosen on val) on ``in_channels``-channel images, with the post-processing ``post`` chosen on val
     and ``weights_sha256`` the SHA-256 of its model.pt (None for the 'intensity' method: no weights);
     ``geometry``: the training data's orientation and spacing record (see :data:`GEOMETRY_KEYS`);
-    ``channel_names``: the training images' channel names (() where unnamed)."""
+    ``channel_names``: the training images' channel names (() where unnamed); ``label_posts``: with
+    several ``cfg.labels``, each label's post-processing (default: ``post``)."""
+    labels = parse_labels(cfg.labels) if several(cfg.labels) else ()
     net = replace(cfg.model, in_channels=in_channels,
-                  out_channels=network_out_channels(cfg.task, cfg.anomaly.method, in_channels))
+                  out_channels=network_out_channels(cfg.task, cfg.anomaly.method, in_channels, len(labels)))
     dim3 = cfg.model.dim == 3  # 3D: sliding-window patch (voxels), training spacing (mm)
     spec = InputSpec(in_channels, cfg.size, cfg.normalization, cfg.model.dim, cfg.tta and cfg.task == "supervised",
                      cfg.patch if dim3 else None, cfg.spacing if dim3 else None,
                      tuple(channel_names) if len(channel_names) == in_channels else ())
     return ModelFile(cfg.task, spec, net, post, replace(cfg, model=net),
                      cfg.anomaly if cfg.task == "anomaly" else None, cfg.precision, training, dict(calibration),
-                     weights_sha256, _checked_geometry(dict(geometry or {})))
+                     weights_sha256, _checked_geometry(dict(geometry or {})), labels,
+                     tuple(label_posts) or (post,) * len(labels))
 
 
 def write_model_file(model_file: ModelFile, model_dir: str | Path) -> Path:
@@ -306,6 +319,7 @@ def from_dict(data: dict[str, Any]) -> ModelFile:
     task = data["task"]
     if task not in TASKS:
         raise ValueError(f"task {task!r} is not 'supervised' or 'anomaly'")
+    labels, label_posts = read_labels_record(data["labels"]) if "labels" in data else ((), ())
     return ModelFile(
         task=task, input=InputSpec.from_dict(data["input"]), model=UNetConfig(**data["model"]),
         postprocess=PostprocessParams.from_dict(data["postprocess"]), config=schema.from_dict(data["config"]),
@@ -313,7 +327,7 @@ def from_dict(data: dict[str, Any]) -> ModelFile:
         training=_training(data["training"]), calibration=dict(data["calibration"]),
         weights_sha256=_weights_sha256(data.get("weights")),
         geometry=_checked_geometry(data.get("geometry", {})), medanomaly_version=data["medanomaly_version"],
-        schema_version=data["schema_version"], format=data["format"])
+        schema_version=data["schema_version"], format=data["format"], labels=labels, label_posts=label_posts)
 
 
 def _training(record: dict[str, Any]) -> TrainingSummary:
@@ -348,7 +362,8 @@ def _check(mf: ModelFile) -> ModelFile:
         return mf
     if mf.input.channels != mf.model.in_channels:
         raise ValueError(f"input.channels is {mf.input.channels} but model.in_channels is {mf.model.in_channels}")
-    expected = network_out_channels(mf.task, mf.anomaly.method if mf.anomaly else "", mf.model.in_channels)
+    expected = network_out_channels(mf.task, mf.anomaly.method if mf.anomaly else "", mf.model.in_channels,
+                                    len(mf.labels))
     if mf.model.out_channels != expected:
         raise ValueError(f"model.out_channels is {mf.model.out_channels}; a {mf.task} model has {expected}")
     return mf

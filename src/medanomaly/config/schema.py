@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+from medanomaly.config.labels import LABELS_PATTERN, LABELS_WHAT, parse_labels
 from medanomaly.config.options import (
     LOSSES,
     NORMALIZATIONS,
@@ -68,6 +69,9 @@ class TrainConfig:
     optimizer: str = setting("adamw", choices=OPTIMIZERS)
     loss: str = setting("bce+dice", choices=LOSSES)
     bce_weight: float = setting(0.5, **UNIT)  # bce+dice: bce_weight x BCE + (1 - bce_weight) x Dice
+    # lesion labels "1=edema,2=enhancing" (medanomaly.config.labels); two or more: softmax, label maps;
+    # None (or one label): binary, any mask value > 0 is lesion. Training fills it from DATA/dataset.json
+    labels: str | None = setting(None, kind="str", pattern=LABELS_PATTERN, nullable=True, what=LABELS_WHAT)
     seed: int = setting(0, **SEED)
     # epochs without validation improvement before stopping; 0 would stop before the first epoch
     patience: int = setting(15, ge=1, le=MANY, hint="to train without early stopping, make it at least epochs")
@@ -110,9 +114,23 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check(self)
+        if len(parse_labels(self.labels)) >= 2:
+            _check_several_labels(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_several_labels(cfg: TrainConfig) -> None:
+    """What several labels do not support yet: 3D, the anomaly task, synthetic lesions, --unlabelled, --extra."""
+    unsupported = [what for what, on in (("--dim 3", cfg.model.dim == 3), ("--task anomaly", cfg.task == "anomaly"),
+                                         ("--synthetic-lesions", cfg.synthetic_lesions > 0),
+                                         ("--unlabelled", cfg.unlabelled is not None),
+                                         ("--extra", cfg.extra is not None)) if on]
+    if unsupported:
+        raise ConfigError(f"several labels ({cfg.labels}) are not yet supported with {' or '.join(unsupported)}; "
+                          "train them in 2D with --task supervised, or train one label at a time (drop --labels, or "
+                          "keep one label in the masks)")
 
 
 #: training budget of ``medanomaly demo`` on its synthetic phantoms, minutes (with --data: TrainConfig's)

@@ -24,9 +24,11 @@ import json
 import logging
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from medanomaly.config.labels import Label, from_dataset_json, labels_text
+from medanomaly.config.schema import TrainConfig
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.channels import ChannelGroup, DatasetInfo, check_channel_sets, group_channels, nnunet_info
 from medanomaly.data.listing import is_listing, listed_samples, listing_splits
@@ -248,6 +250,40 @@ def discover(root: str | Path) -> list[Sample]:
     _report_orphans(root, orphans)
     check_channel_sets(channels.groups, next((i.channel_names for i in channels.infos if i.channel_names), ()))
     return sorted(out, key=lambda s: (s.case, _natural_key(s.image.relative_to(root).as_posix())))
+
+
+def dataset_labels(root: str | Path) -> tuple[Label, ...]:
+    """The lesion labels ``root/dataset.json`` names (nnU-Net v2 or v1/MSD ``labels``, background left
+    out; :func:`medanomaly.config.labels.from_dataset_json`); () where it has none."""
+    path = Path(root) / "dataset.json"
+    if not path.is_file():
+        return ()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise MedanomalyError(f"cannot read {path} ({exc}); it must be the JSON object nnU-Net describes "
+                              "(channel_names, labels, file_ending): fix it or move it out of the data folder") from exc
+    return from_dataset_json(data["labels"], str(path)) if isinstance(data, dict) and "labels" in data else ()
+
+
+def with_labels(cfg: TrainConfig, root: str | Path) -> TrainConfig:
+    """``cfg`` with the labels it trains: its own (``--labels``), else the two or more that
+    ``root/dataset.json`` names (supervised 2D), else none (binary). Where several labels are not
+    supported yet (3D, synthetic lesions, --unlabelled, --extra) dataset.json's are left out, as before, with
+    an INFO line; given with ``--labels`` they are refused by the configuration itself."""
+    if cfg.labels is not None or cfg.task != "supervised":
+        return cfg
+    found = dataset_labels(root)
+    if len(found) < 2:
+        return cfg
+    text = labels_text(found)
+    if cfg.model.dim == 3 or cfg.synthetic_lesions > 0 or cfg.unlabelled is not None or cfg.extra is not None:
+        log.info("%s names %d labels (%s); several labels are not yet supported with --dim 3, --synthetic-lesions, "
+                 "--unlabelled or --extra: trained as one lesion label (any value > 0)",
+                 Path(root) / "dataset.json", len(found), text)
+        return cfg
+    log.info("labels from %s: %s", Path(root) / "dataset.json", text)
+    return replace(cfg, labels=text)
 
 
 def group_inputs(items: list[tuple[Path, Path]], channels: int) -> tuple[list[tuple[Path, Path]], dict[Path, Sample]]:

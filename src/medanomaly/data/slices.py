@@ -17,7 +17,7 @@ from medanomaly.config.options import NORMALIZATIONS
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.progress import track
 from medanomaly.data.discover import Sample, read_sample
-from medanomaly.io import Image, read_mask, stem_of
+from medanomaly.io import Image, read_label_map, stem_of
 from medanomaly.io.orient import Reorientation, canonical
 
 log = logging.getLogger(__name__)
@@ -153,13 +153,15 @@ def concat_slices(*sets: SliceSet) -> SliceSet:
 
 
 def load_slices(samples: list[Sample], size: int, normalization: str = "auto", with_masks: bool | None = True,
-                progress: bool = False) -> SliceSet:
+                progress: bool = False, labels: Sequence[int] = ()) -> SliceSet:
     """Read, normalise and fit every image to size x size (:func:`fit`: padded to a physical square,
     never squashed); volumes are brought to the canonical orientation (:mod:`medanomaly.io.orient`)
     and cut into axial slices.
 
     ``with_masks``: True = every image needs a mask; None = masks read where present (an image
     without one gets an empty mask and ``labelled`` False); False = masks ignored.
+    ``labels``: the label values of a multi-label run (two or more): masks are then label maps of
+    class indices (0 background, ``i + 1`` for ``labels[i]``); () (binary): any value > 0 is lesion.
     Raises MedanomalyError naming the file when channel counts differ, a required mask is
     missing, or a mask does not match its image.
     """
@@ -185,10 +187,10 @@ def load_slices(samples: list[Sample], size: int, normalization: str = "auto", w
             raise MedanomalyError(f"no mask found for {s.image}; name it like {stem_of(s.image)}_mask.png or "
                                   "put images and masks in images/ and masks/ folders")
         if with_masks is not False:
-            mt = _mask_slices(s, raw, turn, (n, 1) + tuple(x.shape[-2:]))
+            mt = _mask_slices(s, raw, turn, (n, 1) + tuple(x.shape[-2:]), labels)
             lesion.append(mt.flatten(1).amax(1) > 0)
             labelled.append(torch.full((n,), s.mask is not None))
-            masks.append((fit(mt, size, spacing) > 0.5).to(torch.uint8))
+            masks.append(fit_mask(mt, size, spacing, len(labels)))
         cases += [s.case] * n
         sources += [s.image] * n
     n_all = sum(len(x) for x in images)
@@ -197,12 +199,62 @@ def load_slices(samples: list[Sample], size: int, normalization: str = "auto", w
                     torch.cat(labelled) if labelled else torch.zeros(n_all, dtype=torch.bool))
 
 
-def _mask_slices(s: Sample, img: Image, turn: Reorientation, shape: tuple[int, ...]) -> torch.Tensor:
+def fit_mask(mt: torch.Tensor, size: int, spacing: tuple[float, float], classes: int = 0) -> torch.Tensor:
+    """Mask slices (n, 1, H, W) float -> (n, 1, size, size) uint8 as :func:`fit` moves the image: 0/1
+    (``classes`` 0: binary), else class indices 1..classes, each class fitted on its own (> 0.5)."""
+    if not classes:
+        return (fit(mt, size, spacing) > 0.5).to(torch.uint8)
+    out = torch.zeros((mt.shape[0], 1, size, size), dtype=torch.uint8)
+    for k in range(1, classes + 1):
+        out[fit((mt == k).float(), size, spacing) > 0.5] = k
+    return out
+
+
+def class_indices(m: np.ndarray, labels: Sequence[int], path: Path) -> np.ndarray:
+    """A label map's values -> class indices (0 background, ``i + 1`` for ``labels[i]``); a value that
+    no label names is a MedanomalyError naming the mask."""
+    values = np.unique(m).astype(int)
+    odd = sorted(set(values.tolist()) - {0, *labels})
+    if odd:
+        raise MedanomalyError(f"mask {path} holds the value {odd[0]}, which none of the labels "
+                              f"({', '.join(map(str, labels))}) names; name it (--labels or DATA/dataset.json "
+                              "'labels') or fix the mask")
+    lut = np.zeros(max(int(values.max()), *labels) + 1, np.float32)
+    lut[list(labels)] = np.arange(1, len(labels) + 1)
+    return lut[m.astype(np.intp)]
+
+
+def _note_label_values(m: np.ndarray, path: Path) -> None:
+    """One INFO line per data set whose masks hold several label values while no labels are named."""
+    if _NOTED or m.max() <= 1:
+        return
+    lesion = m[m != 0]
+    if lesion.min() == lesion.max():  # one value (0/255 masks): nothing to split, and no sort per mask
+        return
+    _NOTED.add(path)
+    shown = ", ".join(f"{v:g}" for v in np.unique(lesion)[:6])
+    log.info("masks hold several label values (%s in %s); they are trained as one lesion label (any value > 0). To "
+             "train the labels separately name them: --labels 1=NAME,2=NAME (or 'labels' in DATA/dataset.json)",
+             shown, path)
+
+
+#: the mask of the INFO line of :func:`_note_label_values` (said once per process)
+_NOTED: set[Path] = set()
+
+
+def _mask_slices(s: Sample, img: Image, turn: Reorientation, shape: tuple[int, ...],
+                 labels: Sequence[int] = ()) -> torch.Tensor:
     """The sample's mask (on ``img``'s stored grid, brought to the canonical orientation by
-    ``turn``) as float slices of ``shape`` (n, 1, H, W); zeros when it has none."""
+    ``turn``) as float slices of ``shape`` (n, 1, H, W): 0/1, or class indices where ``labels`` (the
+    values of several labels) are given; zeros when it has none."""
     if s.mask is None:
         return torch.zeros(shape)
-    m = read_mask(s.mask, like=img)
+    m = read_label_map(s.mask, like=img)
+    if labels:
+        m = class_indices(m, labels, s.mask)
+    else:
+        _note_label_values(m, s.mask)
+        m = m != 0
     m = turn.apply(m) if m.ndim == 3 else m
     mt = torch.from_numpy(m[None].astype(np.float32))
     return mt[None] if m.ndim == 2 else mt.permute(1, 0, 2, 3)

@@ -165,11 +165,7 @@ def select_gallery(items_scores: list[tuple[str, float]], k: int = 3) -> dict[st
     lo, hi = n_worst, n - n_best
     start = int(round((n - 1) / 2 - (n_med - 1) / 2))
     start = min(max(start, lo), max(hi - n_med, lo))
-    return {
-        "best": ranked[::-1][:n_best],
-        "median": ranked[start : start + n_med],
-        "worst": ranked[:n_worst],
-    }
+    return {"best": ranked[::-1][:n_best], "median": ranked[start : start + n_med], "worst": ranked[:n_worst]}
 
 
 def _cards(summary: dict) -> str:
@@ -352,17 +348,10 @@ def _galleries(gallery: dict[str, list[GalleryItem]] | None) -> str:
     return "".join(parts)
 
 
-def write_report(
-    out_dir: Path,
-    summary: dict,
-    cases: list[dict],
-    history: list[dict] | None = None,
-    gallery: dict[str, list[GalleryItem]] | None = None,
-    curves: dict | None = None,
-    title: str = "medanomaly report",
-    synthetic: bool = False,
-    notes: list[str] | None = None,
-) -> Path:
+def write_report(out_dir: Path, summary: dict, cases: list[dict], history: list[dict] | None = None,
+                 gallery: dict[str, list[GalleryItem]] | None = None, curves: dict | None = None,
+                 title: str = "medanomaly report", synthetic: bool = False, notes: list[str] | None = None,
+                 labels: list[dict] | None = None) -> Path:
     """Write ``out_dir/report.html`` (self-contained, atomic) and return its path.
 
     Args:
@@ -373,6 +362,7 @@ def write_report(
         gallery: section name -> items, each drawn as truth / prediction / heat-map panels.
         curves: ``{"roc": {"fpr", "tpr"}, "pr": {"precision", "recall"}, "operating_point": {...}}``.
         title: page title. synthetic: show the synthetic-data banner. notes: bullet points.
+        labels: per-label rows (label, value, dice, ...; the mean over labels last), a sortable table.
     """
     summary = summary or {}
     sub = "Lesion segmentation and anomaly detection results."
@@ -380,6 +370,8 @@ def write_report(
     if synthetic:
         parts.append(f'<div class="banner" role="alert">{_esc(SYNTHETIC_BANNER)}</div>')
     parts += ["<h2>Summary</h2>", _cards(summary), _baseline(summary)]
+    if labels:
+        parts += ["<h2>Per label</h2>", _cases_table(labels)]
     if notes:
         parts.append("<h2>Notes</h2><ul class=notes>" + "".join(f"<li>{_esc(n)}</li>" for n in notes) + "</ul>")
     curve_uri = _curves_png(curves)

@@ -6,7 +6,8 @@ Dice of a case with empty truth and empty prediction is 1, with empty truth and 
 pixel 0. Sensitivity of a case without lesion is undefined (NaN) and left out of means.
 Pixel AUROC/AUPRC pool every pixel of every evaluated image. Lesions are connected components
 of each image (each 2D slice, or each volume); a predicted component that overlaps a true one is
-a hit. Thresholds and post-processing come from the model directory (chosen on validation).
+a hit. Thresholds and post-processing come from the model directory (chosen on validation). Several
+labels (a multi-label model, --labels, dataset.json): also per label, :mod:`medanomaly.evaluate.labels`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,16 @@ from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.progress import track
 from medanomaly.data.discover import Sample, discover, load_splits, read_sample
 from medanomaly.data.listing import data_root, is_listing, listing_splits
+from medanomaly.evaluate.labels import (
+    LABELS_NOTE,
+    Labels,
+    LabelTally,
+    evaluation_labels,
+    label_table,
+    model_labels,
+    read_label_map,
+    split_scores,
+)
 from medanomaly.evaluate.match import check_missing, find_predictions
 from medanomaly.evaluate.report import GalleryItem, select_gallery, write_report
 from medanomaly.infer.overlay import best_slice
@@ -66,6 +77,7 @@ class Accumulator:
     gallery: dict[str, tuple] = field(default_factory=dict)
     image_scores: list[float] = field(default_factory=list)  # anomaly task: one score per 2D image
     image_labels: list[bool] = field(default_factory=list)
+    labels: LabelTally | None = None  # several labels: pred and truth are label maps, also tallied per label
 
     def pooled(self) -> tuple[np.ndarray, np.ndarray]:
         """All scores and truths as two flat arrays, concatenated once (summary and curves share them)."""
@@ -73,7 +85,11 @@ class Accumulator:
             self.scores, self.truths = [np.concatenate(self.scores)], [np.concatenate(self.truths)]
         return self.scores[0], self.truths[0]
 
-    def add(self, case: str, pred: np.ndarray, truth: np.ndarray, score: np.ndarray | None, image: np.ndarray | None = None) -> None:
+    def add(self, case: str, pred: np.ndarray, truth: np.ndarray, score: np.ndarray | None, image: np.ndarray | None = None,
+            per_label: dict[int, np.ndarray] | None = None) -> None:
+        if self.labels is not None:  # label maps: per label, then as any label against background
+            self.labels.add(case, pred, truth, per_label)
+            pred, truth = pred != 0, truth != 0
         M.add_case(self.per_case, case, M.get_stats(pred, truth))
         ls = M.lesion_stats(pred, truth)
         self.lesions_case[case] = M.add_lesion_stats(self.lesions_case[case], ls) if case in self.lesions_case else ls
@@ -102,6 +118,8 @@ class Accumulator:
 
 
 def case_rows(acc: Accumulator) -> list[dict]:
+    if acc.labels is not None:
+        return acc.labels.rows(acc.n_images)
     rows = []
     for case, s in acc.per_case.items():
         ls = acc.lesions_case[case]
@@ -127,7 +145,7 @@ def summarize(acc: Accumulator) -> dict:
            "auroc": float("nan"), "auprc": float("nan"),
            "dice_per_case_mean": M.mean_case_dice(acc.per_case), "dice_per_case_std": float(np.std(case_dice)),
            "dice_per_case_median": float(np.median(case_dice)),
-           **M.lesion_metrics(lesions), "lesions": lesions}
+           **M.lesion_metrics(lesions), "lesions": lesions, **(acc.labels.summary() if acc.labels else {})}
     if acc.scores:
         s, t = acc.pooled()
         out["auroc"], out["auprc"] = M.auroc(s, t), M.auprc(s, t)
@@ -155,7 +173,7 @@ def curves(acc: Accumulator, max_points: int = 400) -> dict:
 
 def write_tables(out: Path, rows: list[dict], summary: dict) -> None:
     buf = _io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=CASE_FIELDS)
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else CASE_FIELDS)
     writer.writeheader()
     for r in rows:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
@@ -198,15 +216,15 @@ def _finish(acc: Accumulator, out: Path, extra: dict, history: list[dict] | None
     summary = {**summarize(acc), **extra}
     write_tables(out, rows, summary)
 
-    dice_of = {r["case"]: r["dice"] for r in rows}
+    dice_of = {c: M.dice(s) for c, s in acc.per_case.items()}  # a case's own Dice (any label vs background)
     picks = select_gallery([(c, dice_of[c]) for c in acc.gallery])
     gallery = {name: [GalleryItem(c, *acc.gallery[c][1:], dice=dice_of[c]) for c in ids] for name, ids in picks.items()}
     curve = curves(acc)
     if curve:  # the operating point: the saved threshold and post-processing, pooled
         curve["operating_point"] = {"fpr": 1 - summary["specificity"], "tpr": summary["sensitivity"],
                                     "precision": summary["precision"], "recall": summary["sensitivity"]}
-    write_report(out, summary, rows, history=history, gallery=gallery, curves=curve, title=title,
-                 synthetic=synthetic, notes=notes)
+    write_report(out, summary, rows, history=history, gallery=gallery, curves=curve, title=title, synthetic=synthetic,
+                 notes=[*notes, LABELS_NOTE] if acc.labels else notes, labels=label_table(summary))
     return summary
 
 
@@ -226,20 +244,22 @@ def prediction_stems(pred_dir: Path, data: Path, samples: Sequence[Sample]) -> d
 
 
 def _predict_and_score(predictor, samples: list[Sample], data: Path, pred_dir: Path | None,
-                       progress: bool) -> Accumulator:
+                       progress: bool, labels: Labels | None = None) -> Accumulator:
     """Run ``predictor`` on each sample as ``predict`` does (writing under pred_dir if given) and
-    accumulate the scores against the masks."""
-    if getattr(predictor, "dim", 2) == 3:  # whole volumes (stacked slices too), written slice by slice
+    accumulate the scores against the masks (label maps, scored per label, with ``labels``)."""
+    if getattr(predictor, "dim", 2) == 3:  # whole volumes (stacked slices too), written slice by slice (binary only)
         return predict_and_score_3d(predictor, samples, data, pred_dir, progress)
-    acc = Accumulator()
+    acc = Accumulator(labels=LabelTally(labels) if labels else None)
     stems = prediction_stems(pred_dir, data, samples) if pred_dir is not None else {}
     for s in track(samples, desc="evaluate", unit="img", enabled=progress):
         img = read_sample(s)
-        truth = read_mask(s.mask, like=img)  # before writing anything for this sample
+        # before writing anything for this sample
+        truth = read_label_map(s.mask, img, labels) if labels else read_mask(s.mask, like=img)
         pred = predictor.predict(img)
         if pred_dir is not None:
             write_prediction(pred, stems[s.image])
-        acc.add(s.case, pred.mask, truth, pred.score, img.array if pred_dir is not None else None)
+        score, per_label = split_scores(pred.score, labels, truth.shape) if labels else (pred.score, None)
+        acc.add(s.case, pred.mask, truth, score, img.array if pred_dir is not None else None, per_label)
         if predictor.anomaly is not None:  # image-level detection, per 2D image (slice)
             acc.add_detection(pred.score, truth, predictor.anomaly)
     return acc
@@ -260,13 +280,16 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, spl
     check_outputs(out, list(prediction_stems(out / "predictions", data, samples).values()), overwrite,
                   extra=EVALUATE_FILES + BASELINE_FILES)
     predictor = Predictor(model_dir, device)
-    acc = _predict_and_score(predictor, samples, data, out / "predictions", progress)
+    labels = model_labels(predictor.model_file.labels)  # a multi-label model's (2D only: Predictor)
+    acc = _predict_and_score(predictor, samples, data, out / "predictions", progress, labels)
     post = predictor.post.to_dict()
     calibration = predictor.model_file.calibration
     label = EXTERNAL_SPLIT if external else split or "all"
     extra = {"split": label, "model": str(model_dir), "task": predictor.task, "postprocess": post,
              "threshold_source": f"validation split ({calibration.get('mode', 'Dice on val')}), saved in model.json",
              "calibration": calibration, "training": asdict(predictor.model_file.training)}
+    if labels:  # each label's own threshold and post-processing, chosen on val
+        extra["label_postprocess"] = {lb.name: p.to_dict() for lb, p in zip(labels, predictor.model_file.label_posts)}
     if predictor.anomaly is not None and predictor.anomaly.method != "intensity" and not external:
         extra["method"] = predictor.anomaly.method
         extra["baseline"] = _baseline_summary(model_dir, data, out / "baseline-model", samples, device, progress)
@@ -326,24 +349,28 @@ def _baseline_summary(model_dir: Path, data: Path, base_dir: Path, samples: list
 
 
 def evaluate_predictions(pred_dir: str | Path, data: str | Path, out: str | Path, split: str | None = None,
-                         splits_file: str | Path | None = None, progress: bool = True, overwrite: bool = False) -> dict:
+                         splits_file: str | Path | None = None, progress: bool = True, overwrite: bool = False,
+                         labels: str | Sequence[tuple[int, str]] | None = None) -> dict:
     """Score existing ``*_pred.*`` files (from medanomaly or any tool named the same way);
     ``*_score.*`` files, where present, give AUROC/AUPRC. Earlier results in ``out`` are replaced
-    only with ``overwrite``."""
+    only with ``overwrite``. ``labels`` (``"1=edema,2=enhancing"`` or (value, name) pairs; default:
+    DATA/dataset.json's when it lists several): predictions and masks are label maps, scored per label."""
     pred_dir, data, out = Path(pred_dir), Path(data), Path(out)
+    chosen = evaluation_labels(data, labels)
     check_output_dir(out, [data, pred_dir])
     samples = select(data, split, splits_file)
     check_outputs(out, [], overwrite, extra=EVALUATE_FILES)
     found, cache = find_predictions(pred_dir, data, samples), {}
     missing = [s for s in samples if s.image not in found]
     check_missing(pred_dir, samples, missing)
-    acc = Accumulator()
+    acc = Accumulator(labels=LabelTally(chosen) if chosen else None)
     for s in track([s for s in samples if s.image in found], desc="evaluate", unit="img", enabled=progress):
         img = read_sample(s)
-        pred = read_mask(found[s.image], like=img)
-        sp = score_file(found[s.image], cache)
+        pred, truth = (read_label_map(found[s.image], img, chosen, "prediction"), read_label_map(s.mask, img, chosen)
+                       ) if chosen else (read_mask(found[s.image], like=img), read_mask(s.mask, like=img))
+        sp = score_file(found[s.image], cache) if not chosen else None  # one map, not one per label: left out
         score = read_image(sp).array[0] if sp is not None else None
-        acc.add(s.case, pred, read_mask(s.mask, like=img), score, img.array)
+        acc.add(s.case, pred, truth, score, img.array)
     extra = {"split": split or "all", "predictions": str(pred_dir), "n_missing_predictions": len(missing)}
     return _finish(acc, out, extra, None, "medanomaly evaluation of predictions", False,
                    [f"{len(missing)} images without a prediction were left out."] if missing else [])

@@ -19,7 +19,8 @@ once per input when it is far from the training data.
 Both then share what turns network outputs into a score map (:func:`score_batch`): the lesion
 probability, averaged with the left-right flipped prediction for ``tta``, or the anomaly map
 (:func:`medanomaly.anomaly.methods.residual_map`) of the reconstruction. Score maps are float32 of
-the image's spatial shape.
+the image's spatial shape. A model of several labels (the model file's ``labels``, 2D) gives one
+softmax probability map per label, (K, *S), and its mask is a label map (:func:`label_map`).
 """
 
 from __future__ import annotations
@@ -27,15 +28,16 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from medanomaly.anomaly.methods import residual_map
+from medanomaly.config.labels import Label
 from medanomaly.config.model_file import ModelFile, read_model_file
 from medanomaly.config.options import RUNTIMES
-from medanomaly.config.sections import AnomalyConfig
+from medanomaly.config.sections import AnomalyConfig, PostprocessParams
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.runtime import choose_precision
 from medanomaly.data.slices import fit, normalize, plane_spacing, to_slices, unfit
@@ -81,20 +83,38 @@ def geometry_warning(stored: Image, image: Image, turn: Reorientation, record: d
 
 @dataclass(frozen=True)
 class Prediction:
-    """One image's (or volume's) score map and its post-processed mask, on the image's own grid."""
+    """One image's (or volume's) score map and its post-processed mask, on the image's own grid;
+    several ``labels``: one probability map per label and a label map."""
 
     image: Image
-    score: np.ndarray  # float32, image.spatial_shape, probability (or anomaly score), [0, 1] for probabilities
-    mask: np.ndarray  # bool, image.spatial_shape
+    score: np.ndarray  # float32, image.spatial_shape, probability (or anomaly score); several labels: (K, *S)
+    mask: np.ndarray  # bool, image.spatial_shape; several labels: uint8 label map (the label values, 0 background)
+    labels: tuple[Label, ...] = ()
 
 
-def probability(net: Net, x: torch.Tensor, tta: bool) -> torch.Tensor:
+def probability(net: Net, x: torch.Tensor, tta: bool, classes: int = 1) -> torch.Tensor:
     """(N, C, *S) -> (N, 1, *S) lesion probability, averaged with the prediction of the left-right
-    flipped input (flipped back) if ``tta``."""
-    prob = torch.sigmoid(net(x))
+    flipped input (flipped back) if ``tta``; ``classes`` > 1 (softmax over background + labels): the
+    probability of each label, (N, classes - 1, *S)."""
+    def prob_of(logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits) if classes == 1 else torch.softmax(logits, dim=1)[:, 1:]
+
+    prob = prob_of(net(x))
     if tta:
-        prob = 0.5 * (prob + torch.sigmoid(net(x.flip(-1))).flip(-1))
+        prob = 0.5 * (prob + prob_of(net(x.flip(-1))).flip(-1))
     return prob
+
+
+def label_map(scores: np.ndarray, posts: Sequence[PostprocessParams], labels: Sequence[Label],
+              image: np.ndarray | None = None) -> np.ndarray:
+    """Probability maps (K, *S) of K labels -> uint8 label map (*S) of the label values: each label's
+    mask by its own post-processing (threshold, minimum component size... chosen on val), a pixel
+    claimed by several labels going to the most probable one. ``image``: grey (*S), for
+    ``foreground_only``."""
+    masks = np.stack([apply(scores[k], posts[k], image=image) for k in range(len(labels))])
+    best = np.where(masks, scores, -np.inf).argmax(axis=0)
+    values = np.array([lb.value for lb in labels], np.uint8)
+    return np.where(masks.any(axis=0), values[best], 0).astype(np.uint8)
 
 
 def reconstruction(net: Net, x: torch.Tensor, anomaly: AnomalyConfig) -> torch.Tensor:
@@ -112,12 +132,14 @@ def anomaly_maps(x: torch.Tensor, recon: torch.Tensor | None, anomaly: AnomalyCo
     return torch.from_numpy(np.stack(maps)[:, None])
 
 
-def score_batch(x: torch.Tensor, net: Net | None, anomaly: AnomalyConfig | None, tta: bool) -> torch.Tensor:
+def score_batch(x: torch.Tensor, net: Net | None, anomaly: AnomalyConfig | None, tta: bool,
+                classes: int = 1) -> torch.Tensor:
     """The score maps (N, 1, *S) of a batch (N, C, *S) of normalised inputs: the probability
-    (supervised) or the anomaly map (``anomaly`` given; ``net`` None for the 'intensity' method)."""
+    (supervised; (N, classes - 1, *S) for several labels) or the anomaly map (``anomaly`` given;
+    ``net`` None for the 'intensity' method)."""
     if anomaly is None:
         assert net is not None
-        return probability(net, x, tta)
+        return probability(net, x, tta, classes)
     return anomaly_maps(x, None if net is None else reconstruction(net, x, anomaly), anomaly)
 
 
@@ -140,6 +162,10 @@ class Predictor:
         self.size, self.channels, self.normalization, self.tta = spec.size, spec.channels, spec.normalization, spec.tta
         self.dim, self.patch, self.spacing = spec.dim, spec.patch, spec.spacing  # 3D: voxels, mm
         self.post, self.task, self.anomaly = self.model_file.postprocess, self.model_file.task, self.model_file.anomaly
+        self.labels, self.label_posts = self.model_file.labels, self.model_file.label_posts  # (): binary
+        self.classes = len(self.labels) + 1 if self.labels else 1
+        if self.labels and self.dim == 3:
+            raise MedanomalyError(f"{self.model_dir}: a 3D model of several labels is not supported yet; retrain in 2D")
         has_net = self.model_file.has_network  # the 'intensity' anomaly method has no network to run
         self.model = (load_weights(self.model_dir, self.model_file.model, self.device, self.model_file.weights_sha256)
                       if has_net else None)
@@ -168,7 +194,7 @@ class Predictor:
 
     def scores(self, image: Image) -> np.ndarray:
         """Probability (supervised) or anomaly map, float32 of ``image.spatial_shape``, of one image
-        (C, H, W) or volume (C, Z, Y, X)."""
+        (C, H, W) or volume (C, Z, Y, X); several labels: (K, *spatial_shape), one map per label."""
         spec = self.model_file.input  # refused by channel count, and by name where both name theirs
         spec.check_input(image.channels, tuple(image.geometry.meta.get("channel_names", ())), str(image.path))
         turn = Reorientation(stored_shape=image.spatial_shape)
@@ -185,16 +211,19 @@ class Predictor:
         return score if turn.identity else np.ascontiguousarray(turn.invert(score))
 
     def _slice_scores(self, a: np.ndarray, spacing: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
-        """2D path: normalised (C, H, W) or (C, Z, Y, X) -> (H, W) or (Z, Y, X), slice by slice, each
-        fitted to the model size keeping its aspect ratio (pixel ``spacing`` Y, X) and mapped back."""
+        """2D path: normalised (C, H, W) or (C, Z, Y, X) -> (H, W) or (Z, Y, X) (several labels: (K, ...)),
+        slice by slice, each fitted to the model size keeping its aspect ratio (pixel ``spacing`` Y, X)
+        and mapped back."""
         slices = torch.from_numpy(np.ascontiguousarray(to_slices(a)))
         h, w = slices.shape[-2:]
         out = []
         for i in range(0, slices.shape[0], self.batch_size):
             x = fit(slices[i:i + self.batch_size], self.size, spacing)
-            score = score_batch(x, self.backend, self.anomaly, self.tta)
-            out.append(unfit(score, (h, w), spacing)[:, 0])
+            score = unfit(score_batch(x, self.backend, self.anomaly, self.tta, self.classes), (h, w), spacing)
+            out.append(score[:, 0] if self.classes == 1 else score)
         score = torch.cat(out).numpy().astype(np.float32)
+        if self.classes > 1:  # (Z, K, H, W) -> (K, Z, H, W): the label first, as the channels of an image
+            return np.ascontiguousarray(np.moveaxis(score, 1, 0)[:, 0] if a.ndim == 3 else np.moveaxis(score, 1, 0))
         return score[0] if a.ndim == 3 else score
 
     def _volume_scores(self, a: np.ndarray, image: Image) -> np.ndarray:
@@ -221,6 +250,10 @@ class Predictor:
         return reconstruction(self.backend, x, self.anomaly)
 
     def predict(self, image: Image) -> Prediction:
-        """Score map and post-processed mask (the post-processing chosen on val) of one image or volume."""
+        """Score map and post-processed mask (the post-processing chosen on val) of one image or volume;
+        several labels: the label maps' probabilities and the label map (:func:`label_map`)."""
         score = self.scores(image)
+        if self.labels:
+            return Prediction(image, score, label_map(score, self.label_posts, self.labels, image.array.mean(axis=0)),
+                              self.labels)
         return Prediction(image, score, apply(score, self.post, image=image.array.mean(axis=0)))

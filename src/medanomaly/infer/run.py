@@ -76,11 +76,20 @@ def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Pa
     shards = distributed.gather_objects((records, failed))  # back in input order, as one process writes them
     records = [r for _, r in sorted((x for recs, _ in shards for x in recs), key=lambda t: t[0])]
     failed = [f for _, f in sorted((x for _, fails in shards for x in fails), key=lambda t: t[0])]
-    meta = {"medanomaly_version": __version__, "model": str(model_dir), "runtime": runtime,
-            "threshold": predictor.post.threshold, "naming": naming}
+    meta = _meta(predictor, model_dir, runtime, naming)
     if distributed.is_main():
         atomic_write_text(out / "regions.json", jsonio.dumps({**meta, "images": records, "failed": failed}, indent=1))
     return {"n_ok": len(records), "failed": failed, "out": str(out)}
+
+
+def _meta(predictor: Predictor, model_dir: str | Path, runtime: str, naming: str) -> dict:
+    """What regions.json says of the run; several labels: each label's threshold (chosen on val)."""
+    meta = {"medanomaly_version": __version__, "model": str(model_dir), "runtime": runtime,
+            "threshold": predictor.post.threshold, "naming": naming}
+    if predictor.labels:
+        meta["labels"] = [{"value": lb.value, "name": lb.name, "threshold": post.threshold}
+                          for lb, post in zip(predictor.labels, predictor.label_posts)]
+    return meta
 
 
 def _check_inputs(inputs: list[str | Path], naming: str) -> None:

@@ -11,6 +11,12 @@ stem without nnU-Net's channel suffix ``_0000``; values 0/1, PNG included) and t
 inputs would share ``rel/stem``, :func:`output_stems` names them by their paths below the inputs'
 common root (:func:`medanomaly.core.outputs.unique_stems`); :func:`check_outputs` refuses, before
 any work, an output folder that the policy of :mod:`medanomaly.core.outputs` does not allow.
+
+A model of several labels writes the label map (the label values, 0 background; PNG for rasters,
+else the input's format and geometry) as ``rel/stem_pred.<ext>`` (nnunet: ``rel/<case>.<ext>``), one
+float32 probability map per label ``rel/stem_score_<name>.<tif|nii.gz|nrrd>``, an overlay outlining
+each label in its own colour (:data:`LABEL_RGB`), its regions per label (``label_value``,
+``label_name``) and, for a DICOM series, a SEG of one segment per label.
 """
 
 from __future__ import annotations
@@ -23,7 +29,9 @@ from typing import Iterator
 
 import numpy as np
 from PIL import Image as PILImage
+from scipy import ndimage
 
+from medanomaly.config.labels import file_part
 from medanomaly.core.atomic import atomic_path
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.outputs import (
@@ -44,10 +52,12 @@ from medanomaly.io import (
     full_suffix,
     is_dicom_series_dir,
     stem_of,
+    write_labels,
     write_mask,
     write_score,
 )
 from medanomaly.io.dicomseg import write_dicom_seg
+from medanomaly.io.dicomseg_labels import write_dicom_seg_labels
 from medanomaly.postprocess.ops import region_table
 
 log = logging.getLogger(__name__)
@@ -56,6 +66,11 @@ OUTPUT_SUFFIXES = ("_pred", "_score", "_overlay", "_seg")  # of the stems this m
 EXACT_TAILS, FORMAT_TAILS = ("_overlay.png", "_seg.dcm"), ("_pred", "_score")
 #: nnU-Net's channel suffix of an image file name (``case_0000.nii.gz``): not part of the case id
 NNUNET_CHANNEL = re.compile(r"_\d{4}$")
+#: the per-label score maps of a model of several labels (``stem_score_<name>``): outputs, never inputs
+LABEL_SCORE = re.compile(r"_score_[A-Za-z0-9._-]+$")
+#: the outline colour of each label in overlays, in label order (then again from the first)
+LABEL_RGB = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+             (240, 50, 230), (210, 245, 60))
 
 
 def iter_inputs(inputs: list[str | Path]) -> Iterator[tuple[Path, Path]]:
@@ -87,7 +102,8 @@ def _candidates(inputs: list[str | Path]) -> Iterator[tuple[Path, Path]]:
             if path.is_dir() and is_dicom_series_dir(path):
                 yield given, path
             elif path.is_file() and full_suffix(path) in IMAGE_SUFFIXES and not is_mask_file(path) \
-                    and not stem_of(path).endswith(OUTPUT_SUFFIXES) and not is_dicom_series_dir(path.parent):
+                    and not stem_of(path).endswith(OUTPUT_SUFFIXES) and not LABEL_SCORE.search(stem_of(path)) \
+                    and not is_dicom_series_dir(path.parent):
                 yield given, path
 
 
@@ -130,7 +146,9 @@ def check_outputs(out: Path, stems: list[Path], overwrite: bool, extra: tuple[st
 def write_label_map(mask: np.ndarray, like: Image, stem: Path) -> Path:
     """``stem.<ext>``: the mask as nnU-Net writes label maps, uint8 0 (background) / 1 (lesion) in
     the format and geometry :func:`medanomaly.io.write_mask` uses; a PNG too holds 0/1 (not 0/255,
-    which nnU-Net would read as label 255)."""
+    which nnU-Net would read as label 255). A label map (not bool: several labels) keeps its values."""
+    if np.asarray(mask).dtype != bool:
+        return write_labels(mask, like, stem)
     if like.geometry.kind != "raster":
         return write_mask(mask, like, stem)
     final = Path(f"{stem}.png")
@@ -144,7 +162,10 @@ def write_prediction(pred: Prediction, stem: Path, dicom_seg: bool = False, nami
     ``stem.<ext>`` alone, :func:`write_label_map`); return its regions record.
 
     ``dicom_seg``: for a DICOM series folder, also ``stem_seg.dcm``, the mask as a DICOM SEG
-    referencing the series (it carries the patient/study identifiers the standard requires)."""
+    referencing the series (it carries the patient/study identifiers the standard requires).
+    A prediction of several labels: :func:`write_label_prediction`."""
+    if pred.labels:
+        return write_label_prediction(pred, stem, dicom_seg, naming)
     if naming == "nnunet":
         write_label_map(pred.mask, pred.image, stem)
     else:
@@ -158,6 +179,41 @@ def write_prediction(pred: Prediction, stem: Path, dicom_seg: bool = False, nami
         _write_overlay(pred, stem)
     g = pred.image.geometry
     return {"regions": region_table(pred.mask, pred.score, g.spacing if g.spacing_known else None), **outputs}
+
+
+def write_label_prediction(pred: Prediction, stem: Path, dicom_seg: bool = False, naming: str = "medanomaly") -> dict:
+    """:func:`write_prediction` for a model of several labels (see the module docstring); returns its
+    regions record: every component of every label, with the label's value and name."""
+    if naming == "nnunet":
+        write_label_map(pred.mask, pred.image, stem)
+    else:
+        write_labels(pred.mask, pred.image, Path(f"{stem}_pred"))
+        for k, label in enumerate(pred.labels):
+            write_score(pred.score[k], pred.image, Path(f"{stem}_score_{file_part(label)}"))
+        _write_label_overlay(pred, stem)
+    outputs = {}
+    if dicom_seg and pred.image.geometry.kind == "dicom" and pred.image.path.is_dir():  # one segment per label
+        outputs["dicom_seg"] = write_dicom_seg_labels(pred.mask, pred.image.path, Path(f"{stem}_seg.dcm"),
+                                                      pred.labels, version=__version__).name
+    g = pred.image.geometry
+    spacing = g.spacing if g.spacing_known else None
+    regions = [{"label_value": label.value, "label_name": label.name, **row} for k, label in enumerate(pred.labels)
+               for row in region_table(pred.mask == label.value, pred.score[k], spacing)]
+    return {"regions": regions, **outputs}
+
+
+def _write_label_overlay(pred: Prediction, stem: Path) -> None:
+    """``stem_overlay.png`` of several labels: the highest label probability as the heat map, each
+    label outlined in its colour (:data:`LABEL_RGB`); a volume shows its slice of largest labelled area."""
+    img, score, labels = pred.image.array, pred.score.max(axis=0), pred.mask
+    if score.ndim == 3:
+        k = best_slice(score, labels != 0)
+        img, score, labels = img[:, k], score[k], labels[k]
+    rgb = overlay_rgb(img, score)
+    for i, label in enumerate(pred.labels):
+        m = labels == label.value
+        rgb[m & ~ndimage.binary_erosion(m)] = LABEL_RGB[i % len(LABEL_RGB)]
+    save_png(rgb, Path(f"{stem}_overlay.png"))
 
 
 def _write_overlay(pred: Prediction, stem: Path) -> None:

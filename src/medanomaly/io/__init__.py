@@ -31,14 +31,15 @@ from __future__ import annotations
 
 from medanomaly.io.dicom import is_dicom_series_dir, series_files
 from medanomaly.io.image import IMAGE_SUFFIXES, Geometry, Image, affine_from_geometry, full_suffix, stem_of
-from medanomaly.io.read import read_channels, read_image, read_mask
+from medanomaly.io.read import read_channels, read_image, read_label_map, read_mask
 from medanomaly.io.safety import MAX_PIXELS, library_notes
-from medanomaly.io.write import mask_suffix, score_suffix, write_mask, write_score
+from medanomaly.io.write import mask_suffix, score_suffix, write_labels, write_mask, write_score
 
 #: the former private names of :func:`series_files` and :func:`library_notes`
 _series_files = series_files
 _library_notes = library_notes
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_PIXELS", "Geometry", "Image", "affine_from_geometry", "full_suffix",
-           "is_dicom_series_dir", "library_notes", "mask_suffix", "read_channels", "read_image", "read_mask", "score_suffix",
-           "series_files", "stem_of", "write_mask", "write_score"]
+           "is_dicom_series_dir", "library_notes", "mask_suffix", "read_channels", "read_image", "read_label_map",
+           "read_mask", "score_suffix",
+           "series_files", "stem_of", "write_labels", "write_mask", "write_score"]

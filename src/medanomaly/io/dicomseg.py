@@ -239,14 +239,14 @@ def _valid(elem: pydicom.DataElement) -> bool:
     return True
 
 
-def _segment_description(label: str, algorithm: str, version: str):
+def _segment_description(label: str, algorithm: str, version: str, number: int = 1):
     hd = _highdicom()
     from pydicom.sr.codedict import codes  # on use: 0.7 s to import, as highdicom
 
     # SNOMED CT 49755003 "Morphologically abnormal structure" (formerly "Morphologically altered
     # structure", the name in the DICOM CID 7150 segmentation category list) / 52988006 "Lesion".
     return hd.seg.SegmentDescription(
-        segment_number=1,
+        segment_number=number,
         segment_label=label,
         segmented_property_category=codes.SCT.MorphologicallyAbnormalStructure,
         segmented_property_type=codes.SCT.Lesion,
@@ -288,6 +288,15 @@ def write_dicom_seg(mask: np.ndarray, series_dir: Path, out_path: Path, *, label
 
     The file is written atomically (a temporary file in the same folder, then ``os.replace``).
     """
+    segments = (np.asarray(mask) != 0).astype(np.uint8)
+    return write_segments(segments, (label,), series_dir, out_path, algorithm=algorithm, version=version)
+
+
+def write_segments(segments: np.ndarray, names: Sequence[str], series_dir: Path, out_path: Path, *,
+                   algorithm: str = "medanomaly", version: str) -> Path:
+    """The writer behind :func:`write_dicom_seg` and :func:`medanomaly.io.dicomseg_labels.write_dicom_seg_labels`:
+    ``segments`` (Z, Y, X) holds segment numbers (0: none; ``k``: the segment labelled ``names[k - 1]``),
+    each written as a BINARY segment described as in :func:`write_dicom_seg`, with its privacy rules."""
     _highdicom()
     series_dir, out_path = Path(series_dir), Path(out_path)
     notes: list[str] = []
@@ -295,8 +304,7 @@ def write_dicom_seg(mask: np.ndarray, series_dir: Path, out_path: Path, *, label
     try:
         # pydicom validates values lazily, on access: its complaints are counted, never shown
         with _quiet(notes):
-            _write(series_dir, out_path, np.asarray(mask) != 0, sources, label=label, algorithm=algorithm,
-                   version=version)
+            _write(series_dir, out_path, segments, tuple(names), sources, algorithm=algorithm, version=version)
     except MedanomalyError:
         raise
     except Exception as exc:  # noqa: BLE001 - highdicom's checks become one user-facing error
@@ -306,8 +314,8 @@ def write_dicom_seg(mask: np.ndarray, series_dir: Path, out_path: Path, *, label
     return out_path
 
 
-def _write(series_dir: Path, out_path: Path, mask: np.ndarray, sources: list[pydicom.Dataset], *, label: str,
-           algorithm: str, version: str) -> None:
+def _write(series_dir: Path, out_path: Path, mask: np.ndarray, names: tuple[str, ...], sources: list[pydicom.Dataset],
+           *, algorithm: str, version: str) -> None:
     """Build and save the SEG; ``sources`` (empty) is filled with the series' datasets, for the
     caller's error message."""
     sources += sorted_series_datasets(series_dir)
@@ -320,21 +328,21 @@ def _write(series_dir: Path, out_path: Path, mask: np.ndarray, sources: list[pyd
         series_number = int(sources[0].get("SeriesNumber") or 0) + 1000
     except (TypeError, ValueError):
         series_number = 1000
-    seg = _build(sources, mask, label=label, algorithm=algorithm, version=version, series_number=series_number)
+    seg = _build(sources, mask, names, algorithm=algorithm, version=version, series_number=series_number)
     _strip_to_required(seg)
     with atomic_path(out_path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
 
 
-def _build(sources: list[pydicom.Dataset], mask: np.ndarray, *, label: str, algorithm: str, version: str,
+def _build(sources: list[pydicom.Dataset], mask: np.ndarray, names: tuple[str, ...], *, algorithm: str, version: str,
            series_number: int):
     hd = _highdicom()
 
     return hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=mask.astype(np.uint8),
+        pixel_array=mask.astype(np.uint8 if len(names) < 256 else np.uint16),  # segment numbers
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
-        segment_descriptions=[_segment_description(label, algorithm, version)],
+        segment_descriptions=[_segment_description(name, algorithm, version, k + 1) for k, name in enumerate(names)],
         series_instance_uid=hd.UID(),
         series_number=series_number,
         sop_instance_uid=hd.UID(),
@@ -357,6 +365,12 @@ def read_dicom_seg(path: Path, series_dir: Path) -> np.ndarray:
     the series that the SEG has no frame for are empty. The SEG must reference ``series_dir``'s
     instances.
     """
+    return read_segments(path, series_dir)[0].any(axis=-1)
+
+
+def read_segments(path: Path, series_dir: Path) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The (Z, Y, X, S) bool pixels of each of the S segments of a DICOM SEG, in the slice order of
+    ``read_image(series_dir)`` (as :func:`read_dicom_seg`), and their SegmentLabels in segment order."""
     hd = _highdicom()
     path = Path(path)
     sources = sorted_series_datasets(series_dir)
@@ -375,7 +389,7 @@ def read_dicom_seg(path: Path, series_dir: Path) -> np.ndarray:
         raise _refusal(f"cannot read DICOM SEG {path}", exc, [seg, *sources] if seg is not None else sources,
                        "give a DICOM SEG (BINARY or FRACTIONAL) made on this series") from None
     _log_notes(path.name, notes)
-    return pixels.any(axis=-1)
+    return pixels.astype(bool), tuple(str(item.get("SegmentLabel", "")) for item in seg.SegmentSequence)
 
 
 def _check_references(seg, uids: Sequence[str], path: Path, series_dir: Path) -> None:

@@ -178,6 +178,12 @@ def read_mask(path: str | Path, like: Image | None = None) -> np.ndarray:
     Multi-channel masks use channel 0 if all channels agree, else their maximum. If ``like`` is
     given, the mask must have its spatial shape.
     """
+    return read_label_map(path, like) != 0
+
+
+def read_label_map(path: str | Path, like: Image | None = None) -> np.ndarray:
+    """As :func:`read_mask`, the values kept: a float32 array of the mask's integer values (labels;
+    0/255 masks hold 255), checked as :func:`read_mask` checks them."""
     img = read_image(path)
     arr = img.array
     agree = all(np.array_equal(arr[0], arr[i]) for i in range(1, arr.shape[0]))
@@ -187,4 +193,4 @@ def read_mask(path: str | Path, like: Image | None = None) -> np.ndarray:
         raise MedanomalyError(f"mask {sizes[0]} does not match image {sizes[1]}: {img.path} vs "
                               f"{like.path}; resample the mask or fix the pairing")
     _check_mask_values(np.unique(mask), img.path)
-    return mask != 0
+    return mask

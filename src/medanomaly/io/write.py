@@ -60,11 +60,11 @@ def _write_itk(data: np.ndarray, like: Image, tmp: Path) -> None:
     sitk.WriteImage(img, str(tmp), True)
 
 
-def _write(data: np.ndarray, like: Image, out_stem: str | Path, suffix: str, what: str) -> Path:
+def _write(data: np.ndarray, like: Image, out_stem: str | Path, suffix: str, what: str, png_scale: int = 255) -> Path:
     if data.shape != like.spatial_shape:
         raise ValueError(f"{what} shape {data.shape} != image spatial shape {like.spatial_shape}")
     writers: dict[str, Callable[[Path], None]] = {
-        ".png": lambda t: PILImage.fromarray(data * 255).save(t, format="PNG"),
+        ".png": lambda t: PILImage.fromarray(data * png_scale).save(t, format="PNG"),
         ".tif": lambda t: tifffile.imwrite(t, data),
         ".nii.gz": lambda t: _write_nifti(data, like, t)}
     writer = writers.get(suffix, lambda t: _write_itk(data, like, t))
@@ -83,6 +83,13 @@ def write_mask(mask: np.ndarray, like: Image, out_stem: str | Path) -> Path:
     """
     data = (np.asarray(mask) != 0).astype(np.uint8)
     return _write(data, like, out_stem, mask_suffix(like), "mask")
+
+
+def write_labels(labels: np.ndarray, like: Image, out_stem: str | Path) -> Path:
+    """Write an integer label map (0 background, label values 1..255) as :func:`write_mask` writes a
+    mask, the values kept (uint8; PNG too holds the label values, not x 255); return the path."""
+    data = np.asarray(labels).astype(np.uint8)
+    return _write(data, like, out_stem, mask_suffix(like), "label map", png_scale=1)
 
 
 def write_score(score: np.ndarray, like: Image, out_stem: str | Path) -> Path:

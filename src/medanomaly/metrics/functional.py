@@ -27,11 +27,17 @@ values (8-bit or 16-bit maps) and otherwise only treats scores within one bin wi
 
 Masks are boolean arrays (0/1 integer or float arrays are accepted); scores are finite real
 arrays of the same shape. Inputs are never modified.
+
+Several labels: on integer label maps (0 = background), :func:`label_stats` and
+:func:`label_lesion_stats` give, per label value ``l``, the binary counts of ``pred == l`` against
+``truth == l``; every binary metric above then applies per label, and :func:`mean_over_labels`
+averages them (NaN left out, as ``np.nanmean``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -281,6 +287,59 @@ def lesion_metrics(ls: dict) -> dict:
     else:
         f = _ratio(2 * sens * prec, sens + prec, 0.0)
     return {"lesion_sensitivity": sens, "lesion_precision": prec, "lesion_f1": f}
+
+
+def as_label_map(labels: np.ndarray, name: str = "label map") -> np.ndarray:
+    """Return ``labels`` as an int64 array; ValueError unless its values are non-negative integers
+    (bool and integer-valued float arrays are accepted: a 0/1 mask is a label map of label 1)."""
+    arr = np.asarray(labels)
+    exact = arr.dtype == bool or np.issubdtype(arr.dtype, np.integer)
+    if exact or (np.issubdtype(arr.dtype, np.floating) and np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
+        out = arr.astype(np.int64)
+    else:
+        raise ValueError(f"{name} must hold integer label values (0 = background), got dtype {arr.dtype}")
+    if out.size and out.min() < 0:
+        raise ValueError(f"{name} holds negative values; label values are 0 (background), 1, 2, ...")
+    return out
+
+
+def label_stats(pred: np.ndarray, truth: np.ndarray, values: Sequence[int]) -> dict[int, Stats]:
+    """Per label value ``l``: :func:`get_stats` of ``pred == l`` against ``truth == l``.
+
+    ``pred``, ``truth``: integer label maps of the same shape (any ndim; 0 = background).
+    Values absent from both maps count as a correct "nothing here" (all tn).
+    """
+    p, t = as_label_map(pred, "pred"), as_label_map(truth, "truth")
+    _check_shapes(p, t, ("pred", "truth"))
+    return {int(v): get_stats(p == v, t == v) for v in values}
+
+
+def label_lesion_stats(pred: np.ndarray, truth: np.ndarray, values: Sequence[int],
+                       connectivity: int | None = None) -> dict[int, dict]:
+    """Per label value ``l``: :func:`lesion_stats` of ``pred == l`` against ``truth == l``."""
+    p, t = as_label_map(pred, "pred"), as_label_map(truth, "truth")
+    _check_shapes(p, t, ("pred", "truth"))
+    return {int(v): lesion_stats(p == v, t == v, connectivity) for v in values}
+
+
+def overlap_metrics(s: Stats) -> dict[str, float]:
+    """The one-line pixel metrics of one set of counts, keyed as summary.json names them."""
+    return {"dice": dice(s), "iou": iou(s), "sensitivity": sensitivity(s), "specificity": specificity(s),
+            "precision": precision(s)}
+
+
+def mean_over_labels(per_label: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean over labels of metric dicts (their common numeric keys), NaN entries left out
+    (a label without true pixels has no sensitivity); NaN where every label's value is NaN."""
+    if not per_label:
+        return {}
+    keys = [k for k, v in per_label[0].items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            and all(k in d for d in per_label)]
+    out = {}
+    for k in keys:
+        vals = np.array([float(d[k]) for d in per_label], dtype=np.float64)
+        out[k] = float(np.mean(vals[np.isfinite(vals)])) if np.isfinite(vals).any() else float("nan")
+    return out
 
 
 def dice_threshold_candidates(scores: np.ndarray, n_thresholds: int = 100) -> np.ndarray:

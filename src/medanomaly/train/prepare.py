@@ -19,6 +19,7 @@ import torch
 
 from medanomaly.anomaly.methods import foreground
 from medanomaly.config import schema as config_mod
+from medanomaly.config.labels import parse_labels, several
 from medanomaly.config.schema import TrainConfig
 from medanomaly.core import distributed, jsonio
 from medanomaly.core.atomic import atomic_write_text
@@ -103,8 +104,9 @@ def prepare_slices(data: Path, cfg: TrainConfig, splits_file: str | Path | None,
     usable, splits = usable_and_splits(data, cfg, splits_file)
     parts = split_parts(usable, splits, data, "images")
     with_masks = True if cfg.task == "supervised" else (None if cfg.anomaly.normal_only else False)
-    train = load_slices(parts["train"], cfg.size, cfg.normalization, with_masks, progress=progress)
-    val = load_slices(parts["val"], cfg.size, cfg.normalization, with_masks, progress=progress)
+    values = [lb.value for lb in parse_labels(cfg.labels)] if several(cfg.labels) else []  # label maps
+    train = load_slices(parts["train"], cfg.size, cfg.normalization, with_masks, progress=progress, labels=values)
+    val = load_slices(parts["val"], cfg.size, cfg.normalization, with_masks, progress=progress, labels=values)
     if cfg.extra:  # never val/test: the extra pairs only add training slices
         train = concat_slices(train, load_extra(cfg, data, parts, train.images.shape[1], progress))
     if cfg.task == "anomaly":

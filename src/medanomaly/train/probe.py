@@ -27,6 +27,7 @@ import torch
 
 from medanomaly.anomaly.methods import foreground
 from medanomaly.config import schema as config_mod
+from medanomaly.config.labels import network_classes
 from medanomaly.config.schema import TrainConfig
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.runtime import choose_precision, cpu_has_bf16
@@ -237,7 +238,7 @@ def measure(cfg: TrainConfig, slices: SliceSet, device: torch.device, steps: int
             model = new_model(cfg, int(train.images.shape[1]), device)
             opt = make_optimizer(model, cfg)
             source = SliceSource(train, train, cfg, device, choose_precision(cfg.precision, device),
-                                 get_loss(cfg.loss, cfg.bce_weight))
+                                 get_loss(cfg.loss, cfg.bce_weight, network_classes(cfg.labels)))
             gen = torch.Generator().manual_seed(cfg.seed)
             model.train()
             for step in range(steps + 1):

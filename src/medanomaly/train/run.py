@@ -28,12 +28,13 @@ import torch
 
 from medanomaly.anomaly.methods import output_channels
 from medanomaly.config import schema as config_mod
+from medanomaly.config.labels import network_classes
 from medanomaly.config.schema import TrainConfig, pretrain_budget
 from medanomaly.core import distributed
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.progress import run_logged
 from medanomaly.core.runtime import choose_precision, set_seed
-from medanomaly.data.discover import read_sample
+from medanomaly.data.discover import read_sample, with_labels
 from medanomaly.data.volumes import check_3d_config, group_volumes
 from medanomaly.models.build import build_model
 from medanomaly.models.init import load_matching, read_state_dict
@@ -93,6 +94,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     validates and writes every file; every process returns the same result.
     """
     data, out, dev, t_start = Path(data), Path(out), torch.device(device), time.perf_counter()
+    cfg = with_labels(cfg, data)  # --labels, else DATA/dataset.json's (two or more: softmax, label maps)
     if cfg.model.dim == 3:
         check_3d_config(cfg)
         distributed.check_batch(cfg.patch_batch)  # under torchrun: the global batch of patches
@@ -114,7 +116,7 @@ def train(data: str | Path, out: str | Path, cfg: TrainConfig, splits_file: str 
     gen = torch.Generator().manual_seed(cfg.seed)
     model = new_model(cfg, in_ch, dev, init=cfg.init if not resume else None)
     opt = make_optimizer(model, cfg)
-    loss_fn = get_loss(cfg.loss, cfg.bce_weight)
+    loss_fn = get_loss(cfg.loss, cfg.bce_weight, network_classes(cfg.labels))
     precision = precision_3d(model, cfg, dev, in_ch) if cfg.model.dim == 3 else choose_precision(cfg.precision, dev)
     metrics_csv = out / "metrics.csv"
     state = resume_state(ckpt_path, model, opt, gen, metrics_csv) if resume else fresh_state(metrics_csv)
@@ -279,8 +281,9 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 
 def new_model(cfg: TrainConfig, in_ch: int, dev: torch.device, init: str | None = None) -> torch.nn.Module:
     """The network of ``cfg`` for ``in_ch``-channel images (anomaly: the method's output channels,
-    supervised: one logit), on ``dev``, channels-last in 2D where configured, ``init`` weights loaded."""
-    out_ch = output_channels(cfg.anomaly.method, in_ch) if cfg.task == "anomaly" else 1  # reconstruction or logits
+    supervised: one logit, or background + each of several labels), on ``dev``, channels-last in 2D where
+    configured, ``init`` weights loaded."""
+    out_ch = output_channels(cfg.anomaly.method, in_ch) if cfg.task == "anomaly" else network_classes(cfg.labels)
     model = build_model(replace(cfg.model, in_channels=in_ch, out_channels=out_ch)).to(dev)
     if cfg.channels_last and cfg.model.dim == 2:  # channels-last is a 4D layout
         model = model.to(memory_format=torch.channels_last)

@@ -3,8 +3,9 @@ from, and how it validates an epoch. The loop is the same for 2D and 3D; the sou
 
 * :class:`SliceSource` (2D): an epoch is a permutation of the training slices in batches of
   ``cfg.batch_size``, a ``cfg.positive_fraction`` of each batch drawn from slices with lesion
-  (supervised); validation is the mean per-case Dice at probability 0.5 on the val slices, or
-  minus the anomaly loss on them.
+  (supervised); validation is the mean per-case Dice at probability 0.5 on the val slices (several
+  labels, ``cfg.labels``: of the most probable class, averaged over the labels), or minus the
+  anomaly loss on them.
 * :class:`PatchSource` (3D): an epoch is ``cfg.patches_per_epoch`` patches of ``cfg.patch`` voxels,
   ``cfg.patch_batch`` per step, a ``cfg.foreground_fraction`` (nnU-Net's 0.33) centred on a lesion
   voxel (anomaly task: a body voxel); validation is the mean per-case Dice of sliding-window
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from medanomaly.anomaly.methods import anomaly_loss
+from medanomaly.config.labels import network_classes
 from medanomaly.config.schema import TrainConfig
 from medanomaly.core import distributed
 from medanomaly.core.runtime import autocast, choose_precision, match_layout
@@ -38,6 +40,7 @@ from medanomaly.data.synthetic import add_synthetic_lesions
 from medanomaly.data.volumes import Volume, sample_patches
 from medanomaly.infer.sliding import sliding_window
 from medanomaly.metrics.functional import Stats, add_case, mean_case_dice
+from medanomaly.models.losses import one_hot
 from medanomaly.train.fewlabels import Extras
 
 log = logging.getLogger(__name__)
@@ -75,6 +78,9 @@ def step_loss(model: torch.nn.Module, images: torch.Tensor, masks: torch.Tensor,
         x, fg = augment_batch(images, masks, aug, gen)
         return anomaly_loss(model, x.to(dev), fg.to(dev), cfg.anomaly, gen, autocast(dev, precision))
     extras = extras or Extras()
+    classes = network_classes(cfg.labels)
+    if classes > 1:  # several labels: one indicator channel per label, moved by augmentation as one mask each
+        masks = one_hot(masks, classes)
     if cfg.synthetic_lesions > 0 and extras.lesion_stats is not None:
         images, masks = add_synthetic_lesions(images, masks, cfg.synthetic_lesions, extras.lesion_stats, gen)
     x, y = augment_batch(images, masks, cfg.augment, gen)
@@ -120,25 +126,34 @@ def mean_anomaly_loss(model: torch.nn.Module, x: torch.Tensor, fg: torch.Tensor,
     return total / max(1, len(x))
 
 
+def _count(per_case: dict[str, Stats], pred: torch.Tensor, truth: torch.Tensor, cases: Sequence[str]) -> None:
+    """Pool the counts of bool slices (n, P) into ``per_case`` by the slices' ``cases``."""
+    tp, fp, fn = (pred & truth).sum(1), (pred & ~truth).sum(1), (~pred & truth).sum(1)
+    for j, case in enumerate(cases):  # counted on the tensors: no per-slice numpy copies
+        add_case(per_case, case, Stats(int(tp[j]), int(fp[j]), int(fn[j]), 0))
+
+
 @torch.no_grad()
 def validate_slices(model: torch.nn.Module, val: SliceSet, loss_fn: LossFn, precision: str, device: torch.device,
-                    batch: int = 32) -> tuple[float, float]:
-    """(mean loss, mean per-case Dice at probability 0.5) on the validation slices."""
+                    batch: int = 32, classes: int = 1) -> tuple[float, float]:
+    """(mean loss, mean per-case Dice at probability 0.5) on the validation slices; several labels
+    (``classes`` = labels + 1): the prediction is the most probable class, the score the mean over
+    the labels of each label's mean per-case Dice."""
     model.eval()
-    per_case: dict[str, Stats] = {}
+    per_label: list[dict[str, Stats]] = [{} for _ in range(max(1, classes - 1))]
     losses = []
     for i in range(0, len(val), batch):
         x = val.images[i:i + batch].to(device).float()
         y = val.masks[i:i + batch].to(device).float()
         with autocast(device, precision):
             logits = model(match_layout(x, model))
-        losses.append(float(loss_fn(logits.float(), y)) * len(x))
-        pred = (logits.float() > 0).flatten(1)
-        truth = y.bool().flatten(1)
-        tp, fp, fn = (pred & truth).sum(1), (pred & ~truth).sum(1), (~pred & truth).sum(1)
-        for j, case in enumerate(val.cases[i:i + batch]):  # counted on the tensors: no per-slice numpy copies
-            add_case(per_case, case, Stats(int(tp[j]), int(fp[j]), int(fn[j]), 0))
-    return sum(losses) / max(1, len(val)), mean_case_dice(per_case)
+        losses.append(float(loss_fn(logits.float(), y if classes == 1 else one_hot(y, classes))) * len(x))
+        pred = logits.float() > 0 if classes == 1 else logits.float().argmax(1, keepdim=True)
+        for k, per_case in enumerate(per_label):
+            p, t = (pred, y.bool()) if classes == 1 else (pred == k + 1, y == k + 1)
+            _count(per_case, p.flatten(1), t.flatten(1), val.cases[i:i + batch])
+    score = mean_case_dice(per_label[0]) if classes == 1 else float(np.mean([mean_case_dice(d) for d in per_label]))
+    return sum(losses) / max(1, len(val)), score
 
 
 @torch.no_grad()
@@ -220,7 +235,8 @@ class SliceSource:
             loss = mean_anomaly_loss(model, self.val.images, self.val.masks, self.cfg, self.precision, self.dev, 32,
                                      gen)
             return loss, -loss
-        return validate_slices(model, self.val, self.loss_fn, self.precision, self.dev)
+        return validate_slices(model, self.val, self.loss_fn, self.precision, self.dev,
+                               classes=network_classes(self.cfg.labels))
 
     def extra_state(self) -> dict:
         return {"teacher": self.teacher.teacher.state_dict()} if self.teacher is not None else {}
