@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from PIL import Image as PILImage
 
 from medanomaly.core.errors import MedanomalyError
+from medanomaly.data import slices
 from medanomaly.data.discover import (
     discover,
 )
-from medanomaly.data import slices
 from medanomaly.data.slices import (
     SliceSet,
     fit,
