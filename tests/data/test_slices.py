@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import nibabel as nib
@@ -32,10 +31,6 @@ from medanomaly.data.slices import (
 )
 from medanomaly.io import read_image
 
-DATA = Path(os.environ["MEDANOMALY_SHARED_DATA"])  # resolved by tests/conftest.py
-needs_data = pytest.mark.shared_data()
-
-
 # ---------------------------------------------------------------- helpers
 
 
@@ -61,9 +56,6 @@ def _nifti(path: Path, array: np.ndarray) -> Path:
     nib.save(nib.Nifti1Image(array, np.eye(4)), str(path))
     return path
 
-
-def _by_key(samples):
-    return {s.key: s for s in samples}
 
 
 # ---------------------------------------------------------------- tokens

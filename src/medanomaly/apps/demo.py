@@ -68,7 +68,7 @@ def make_phantoms(out: Path, n_cases: int = 16, slices: int = 10, size: int = 96
     splits = {"train": cases[: n_cases - n_val - n_test], "val": cases[n_cases - n_val - n_test: n_cases - n_test],
               "test": cases[n_cases - n_test:], "note": []}
     splits.pop("note")
-    atomic_write_text(out / "splits.json", jsonio.dumps(splits, indent=1))
+    jsonio.write_json(out / "splits.json", splits, indent=1)
     atomic_write_text(out / "README.txt", PHANTOM_NOTE)
     return out
 

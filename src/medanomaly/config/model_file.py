@@ -42,7 +42,6 @@ from medanomaly.config.options import NORMALIZATIONS, PRECISIONS, TASKS
 from medanomaly.config.schema import TrainConfig
 from medanomaly.config.sections import AnomalyConfig, PostprocessParams, UNetConfig
 from medanomaly.core import jsonio
-from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.version import __version__
 
@@ -227,7 +226,7 @@ def build_model_file(cfg: TrainConfig, in_channels: int, post: PostprocessParams
 def write_model_file(model_file: ModelFile, model_dir: str | Path) -> Path:
     """Write ``model_dir/model.json`` atomically; return its path."""
     path = Path(model_dir) / FILE_NAME
-    atomic_write_text(path, jsonio.dumps(model_file.to_dict(), indent=2))
+    jsonio.write_json(path, model_file.to_dict(), indent=2)
     return path
 
 

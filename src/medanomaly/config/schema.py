@@ -36,7 +36,6 @@ from medanomaly.config.sections import (
     UNetConfig,
 )
 from medanomaly.core import jsonio
-from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 
 #: the upper bound of counts and budgets that have no natural one: far beyond any real run, below any overflow
@@ -252,7 +251,7 @@ def load(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Tr
 
 
 def save(cfg: TrainConfig, path: str | Path) -> None:
-    atomic_write_text(Path(path), jsonio.dumps(cfg.to_dict(), indent=2))
+    jsonio.write_json(Path(path), cfg.to_dict(), indent=2)
 
 
 def with_changes(cfg: TrainConfig, **changes: Any) -> TrainConfig:

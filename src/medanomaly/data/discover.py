@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from medanomaly.config.labels import Label, from_dataset_json, labels_text
 from medanomaly.config.schema import TrainConfig
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.channels import ChannelGroup, DatasetInfo, check_channel_sets, group_channels, nnunet_info
-from medanomaly.data.listing import is_listing, listed_samples, listing_splits
+from medanomaly.data.listing import is_listing, listed_samples, listing_splits, natural_key
 from medanomaly.io import IMAGE_SUFFIXES, Image, full_suffix, is_dicom_series_dir, read_channels, stem_of
 
 log = logging.getLogger(__name__)
@@ -249,7 +248,7 @@ def discover(root: str | Path) -> list[Sample]:
         )
     _report_orphans(root, orphans)
     check_channel_sets(channels.groups, next((i.channel_names for i in channels.infos if i.channel_names), ()))
-    return sorted(out, key=lambda s: (s.case, _natural_key(s.image.relative_to(root).as_posix())))
+    return sorted(out, key=lambda s: (s.case, natural_key(s.image.relative_to(root).as_posix())))
 
 
 def dataset_labels(root: str | Path) -> tuple[Label, ...]:
@@ -314,8 +313,6 @@ def _mask_files(root: Path, limit: int = 1000) -> list[Path]:
     return found
 
 
-def _natural_key(text: str) -> list:
-    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]
 
 
 def load_splits(path: str | Path, cases: list[str]) -> dict[str, list[str]]:

@@ -160,7 +160,7 @@ def listed_samples(path: str | Path, key_of: Callable[[Path], str]) -> list[dict
     names = channel_names(_table(Path(path))[0])
     fields = [{"image": r.image, "mask": r.mask, "case": r.case or key_of(r.image), "key": key_of(r.image),
                "channels": r.channels, "channel_names": names if r.channels else ()} for r in read_listing(path)]
-    return sorted(fields, key=lambda f: (f["case"], _natural_key(f["image"].as_posix())))
+    return sorted(fields, key=lambda f: (f["case"], natural_key(f["image"].as_posix())))
 
 
 def listing_splits(path: str | Path, samples: Iterable[tuple[Path, str]]) -> dict[str, list[str]] | None:
@@ -194,5 +194,6 @@ def data_root(data: str | Path) -> Path:
     return listing_root(data) if is_listing(data) else Path(data)
 
 
-def _natural_key(text: str) -> list:
+def natural_key(text: str) -> list:
+    """Sort key that orders the numbers in ``text`` by value (``_10`` after ``_9``)."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]

@@ -178,13 +178,7 @@ def write_tables(out: Path, rows: list[dict], summary: dict) -> None:
     for r in rows:
         writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
     atomic_write_text(out / "cases.csv", buf.getvalue())
-    atomic_write_text(out / "summary.json", jsonio.dumps(summary, indent=2, default=_json_default))
-
-
-def _json_default(o):
-    if isinstance(o, (np.floating, np.integer)):
-        return o.item()
-    raise TypeError(type(o))
+    jsonio.write_json(out / "summary.json", summary, indent=2)
 
 
 def select(data: Path, split: str | None, splits_file: str | Path | None) -> list[Sample]:

@@ -27,7 +27,7 @@ import torch
 
 from medanomaly.config.model_file import ModelFile, read_model_file
 from medanomaly.core import jsonio
-from medanomaly.core.atomic import atomic_path, atomic_write_text, file_sha256
+from medanomaly.core.atomic import atomic_path, file_sha256
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.outputs import check_new_file
 from medanomaly.core.version import __version__
@@ -88,7 +88,7 @@ def export_onnx(model_dir: Path, out_path: Path | None = None, opset: int = 17, 
         max_diff = _verify(model, tmp, shape)
         digest = file_sha256(tmp)
     sidecar = describe(mf, model_dir, out_path, opset, digest, max_diff)
-    atomic_write_text(sidecar_path(out_path), jsonio.dumps(sidecar, indent=2))
+    jsonio.write_json(sidecar_path(out_path), sidecar, indent=2)
     return out_path
 
 

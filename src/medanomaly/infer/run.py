@@ -11,7 +11,6 @@ from pathlib import Path
 
 from medanomaly.config.options import NAMINGS
 from medanomaly.core import distributed, jsonio
-from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.progress import track
 from medanomaly.core.version import __version__
@@ -78,7 +77,7 @@ def predict_paths(model_dir: str | Path, inputs: list[str | Path], out: str | Pa
     failed = [f for _, f in sorted((x for _, fails in shards for x in fails), key=lambda t: t[0])]
     meta = _meta(predictor, model_dir, runtime, naming)
     if distributed.is_main():
-        atomic_write_text(out / "regions.json", jsonio.dumps({**meta, "images": records, "failed": failed}, indent=1))
+        jsonio.write_json(out / "regions.json", {**meta, "images": records, "failed": failed}, indent=1)
     return {"n_ok": len(records), "failed": failed, "out": str(out)}
 
 

@@ -35,7 +35,7 @@ from torch import nn
 
 from medanomaly.config.sections import GanConfig  # with every other default, in config
 from medanomaly.core import jsonio
-from medanomaly.core.atomic import atomic_path, atomic_torch_save, atomic_write_text
+from medanomaly.core.atomic import atomic_path, atomic_torch_save
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.outputs import check_out_path, check_separate
 from medanomaly.core.progress import track
@@ -303,6 +303,6 @@ def synthesize(data: str | Path, out: str | Path, n: int, cfg: GanConfig = GanCo
                 "splits_file": str(splits_file) if splits_file else None, "n": n, "config": cfg.to_dict(),
                 "training": {**asdict(stats), "device": str(dev), "precision": precision},
                 "generator": {"path": "generator.pt", "unet": g_net.config.to_dict()}, "files": files}
-    atomic_write_text(out / "manifest.json", jsonio.dumps(manifest, indent=1))
+    jsonio.write_json(out / "manifest.json", manifest, indent=1)
     log.info("wrote %d synthetic pairs to %s", n, out)
     return out

@@ -21,7 +21,6 @@ import numpy as np
 from medanomaly.config.options import TASKS
 from medanomaly.config.schema import TrainConfig
 from medanomaly.core import jsonio
-from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.core.outputs import check_new_file
 from medanomaly.data.volumes import plan_overrides_3d
@@ -335,7 +334,7 @@ def make_plan(fp: DataFingerprint, mach: MachineInfo, max_minutes: float = Train
 
 def save_plan(plan: Plan, path: str | Path, overwrite: bool = True) -> Path:
     check_new_file(path, overwrite)  # 'medanomaly plan' checks it before planning too (commands.cmd_plan)
-    atomic_write_text(Path(path), jsonio.dumps(asdict(plan), indent=1))
+    jsonio.write_json(Path(path), asdict(plan), indent=1)
     return Path(path)
 
 

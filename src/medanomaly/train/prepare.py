@@ -22,7 +22,6 @@ from medanomaly.config import schema as config_mod
 from medanomaly.config.labels import parse_labels, several
 from medanomaly.config.schema import TrainConfig
 from medanomaly.core import distributed, jsonio
-from medanomaly.core.atomic import atomic_write_text
 from medanomaly.core.errors import MedanomalyError
 from medanomaly.data.discover import discover, resolve_splits
 from medanomaly.data.slices import SliceSet, concat_slices, load_slices
@@ -63,7 +62,7 @@ def prepare(data: Path, out: Path, cfg: TrainConfig, splits_file: str | Path | N
         prep = prepare_slices(data, cfg, splits_file, progress)
     if distributed.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out / "splits.json", jsonio.dumps(prep.splits, indent=1))
+        jsonio.write_json(out / "splits.json", prep.splits, indent=1)
         config_mod.save(prep.cfg, out / "config.json")
     return prep
 

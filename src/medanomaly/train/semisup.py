@@ -110,5 +110,5 @@ def pretrain_finished(target: Path) -> bool:
 def mark_pretrain_finished(target: Path, summary: dict) -> None:
     """Write the finished marker (rank 0; every process waits, then reads the weights from ``target``)."""
     if is_main():
-        atomic_write_text(target / PRETRAIN_DONE, jsonio.dumps(summary, indent=1))
+        jsonio.write_json(target / PRETRAIN_DONE, summary, indent=1)
     barrier()
